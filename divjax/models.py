@@ -1,26 +1,128 @@
-"""Flax models behind a small uniform interface (single node and stacked over nodes).
+"""Models behind one small interface: one node (`apply`) and N nodes at once (`apply_stacked`).
 
-(Plain versions: `apply_stacked` is `vmap(apply)`; a faster stacked GN-LeNet is work in
-progress.)
+`init(key)` gives one node's parameter pytree; `apply_stacked` takes the same pytree with a
+leading node axis N (what `jax.vmap(init)` or `jax.vmap(unravel)` produce) and inputs
+(N, B, ...), and returns (N, B, ...). Every model's `apply_stacked` equals
+`jax.vmap(apply)` to float32 rounding (tests/test_models.py).
+
+GN-LeNet's `apply_stacked` is hand-written because XLA:CPU runs the plain `vmap` very
+slowly: vmapping a convolution over per-node kernels gives a grouped convolution (about
+250 samples/s for a training step at N = 16 here), and inside a `lax.scan` (where the engine
+runs its steps) the kernel-gradient convolution of autodiff falls back to a naive loop, about
+40 times slower still. The fast version therefore
+
+* runs each node's convolutions as ordinary NHWC convolutions with a custom VJP that keeps
+  all three (forward, input gradient, kernel gradient) in forms XLA:CPU executes with its
+  fast library kernels: the input gradient is a convolution with the flipped kernel, the
+  kernel gradient a convolution whose batch is the input channels and whose features are
+  the images;
+* fuses conv bias + GroupNorm + 2x2 max-pool + ReLU into one op with a hand-written VJP
+  (two passes over the activations in the backward pass instead of about ten);
+* unrolls `unroll` nodes' networks side by side inside a `lax.map` over groups of nodes:
+  XLA:CPU runs independent per-node chains on both cores, while a `lax.map` over single
+  nodes keeps one core busy. Larger `unroll` compiles longer (about 0.7 s per unrolled node).
+
+benchmarks/conv_speed.py measures the variants. Only reverse-mode differentiation is
+supported through the fast GN-LeNet (custom VJPs); `apply` is plain flax for everything.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
+
+NAMES = ("gn_lenet", "mlp", "logreg", "mf")
+GN_EPS = 1e-5     # PyTorch's GroupNorm default (flax's is 1e-6)
+GN_GROUPS = 2
 
 
 class Model(NamedTuple):
   init: Callable           # key -> params pytree of one node
   apply: Callable          # (params, x (B, ...)) -> outputs (B, ...)
-  apply_stacked: Callable  # (params with leading N, x (N, B, ...)) -> (N, B, ...)
-  kind: str                # "classification" or "regression"
+  apply_stacked: Callable  # (params with leading axis N, x (N, B, ...)) -> (N, B, ...)
+  kind: str                # "classification" (logits (B, C)) or "regression" (predictions (B,))
+
+
+def make_model(name: str, *, input_shape=None, hidden=(64,), n_classes: int = 10,
+               n_users: int | None = None, n_items: int | None = None, dim: int = 20,
+               unroll: int = 8) -> Model:
+  """Builds a model by name (one of NAMES).
+
+  gn_lenet: input_shape (H, W, C), default CIFAR-10's (32, 32, 3); n_classes; unroll = nodes
+    run side by side in apply_stacked (speed/compile-time trade-off, results identical).
+  mlp, logreg: input_shape (required; inputs are flattened), hidden sizes (mlp), n_classes.
+  mf: n_users, n_items (required), dim; inputs are int (B, 2) (user, item) pairs.
+  """
+  if name == "gn_lenet":
+    shape = tuple(input_shape or (32, 32, 3))
+    if len(shape) != 3:
+      raise ValueError(f"input_shape: gn_lenet needs (H, W, C), got {shape}")
+    if unroll < 1:
+      raise ValueError(f"unroll={unroll}: must be >= 1")
+    module = GNLeNet(n_classes)
+    init, apply = _init_apply(module, shape, jnp.float32)
+    return Model(init, apply, _gn_lenet_stacked(unroll), "classification")
+  if name in ("mlp", "logreg"):
+    if input_shape is None:
+      raise ValueError(f"input_shape: required for {name} (the shape of one sample)")
+    module = MLP(tuple(hidden) if name == "mlp" else (), n_classes)
+    init, apply = _init_apply(module, tuple(input_shape), jnp.float32)
+    return Model(init, apply, jax.vmap(apply), "classification")
+  if name == "mf":
+    if n_users is None or n_items is None:
+      raise ValueError("n_users, n_items: both required for mf")
+    init, apply = _init_apply(MF(n_users, n_items, dim), (2,), jnp.int32)
+    return Model(init, apply, jax.vmap(apply), "regression")
+  raise ValueError(f"model: unknown {name!r}; allowed names: {', '.join(NAMES)}")
+
+
+def _init_apply(module: nn.Module, input_shape: tuple, dtype):
+  def init(key):
+    return module.init(key, jnp.zeros((1,) + input_shape, dtype))["params"]
+
+  def apply(params, x):
+    return module.apply({"params": params}, x)
+
+  return init, apply
+
+
+# ------------------------------------------------------------------------------ flax modules
+
+
+def _torch_uniform(fan_in: int):
+  """PyTorch's default Conv2d/Linear init (weights and biases): U(-1/sqrt(fan_in), +)."""
+  bound = 1.0 / math.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class GNLeNet(nn.Module):
+  """The artifact's `LeNet` (PAPER.md 4.2): 3 x [conv 5x5 'same' -> GroupNorm(2) -> ReLU ->
+  maxpool 2x2] with 32, 32, 64 channels, then one linear layer; 89,834 parameters on
+  32x32x3. PyTorch's initialisation and GroupNorm epsilon (1e-5), as the artifact trains it.
+  (The flatten order is HWC rather than PyTorch's CHW: a fixed permutation of `fc`'s rows.)
+  """
+  n_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x):
+    for i, feats in enumerate((32, 32, 64), start=1):
+      fan_in = 25 * x.shape[-1]
+      x = nn.Conv(feats, (5, 5), padding="SAME", kernel_init=_torch_uniform(fan_in),
+                  bias_init=_torch_uniform(fan_in), name=f"conv{i}")(x)
+      x = nn.GroupNorm(num_groups=2, epsilon=GN_EPS, name=f"gn{i}")(x)
+      x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+    x = x.reshape((x.shape[0], -1))
+    return nn.Dense(self.n_classes, kernel_init=_torch_uniform(x.shape[-1]),
+                    bias_init=_torch_uniform(x.shape[-1]), name="fc")(x)
 
 
 class MLP(nn.Module):
+  """Flatten, then ReLU layers of `hidden` sizes and a linear output (logreg: hidden = ())."""
   hidden: tuple
   n_classes: int
 
@@ -32,20 +134,8 @@ class MLP(nn.Module):
     return nn.Dense(self.n_classes)(x)
 
 
-class GNLeNet(nn.Module):
-  """GN-LeNet of the DivShare artifact (PAPER.md 4.2): 89,834 parameters for 32x32x3 input."""
-
-  @nn.compact
-  def __call__(self, x):
-    for feats in (32, 32, 64):
-      x = nn.Conv(feats, (5, 5), padding="SAME")(x)
-      x = nn.GroupNorm(num_groups=2)(x)
-      x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
-    return nn.Dense(10)(x.reshape((x.shape[0], -1)))
-
-
 class MF(nn.Module):
-  """Matrix factorisation: rating = <user embedding, item embedding>."""
+  """Matrix factorisation (PAPER.md 4.3): rating = <user embedding, item embedding>."""
   n_users: int
   n_items: int
   dim: int = 20
@@ -53,29 +143,161 @@ class MF(nn.Module):
   @nn.compact
   def __call__(self, x):
     init = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -0.05, 0.05)
-    u = nn.Embed(self.n_users, self.dim, embedding_init=init)(x[:, 0])
-    v = nn.Embed(self.n_items, self.dim, embedding_init=init)(x[:, 1])
+    u = nn.Embed(self.n_users, self.dim, embedding_init=init, name="user")(x[:, 0])
+    v = nn.Embed(self.n_items, self.dim, embedding_init=init, name="item")(x[:, 1])
     return jnp.sum(u * v, axis=-1)
 
 
-def _from_module(module: nn.Module, input_shape, kind: str, dtype=jnp.float32) -> Model:
-  def init(key):
-    return module.init(key, jnp.zeros((1,) + tuple(input_shape), dtype))["params"]
+# ------------------------------------------------------------- fast stacked GN-LeNet (one node)
 
-  def apply(params, x):
-    return module.apply({"params": params}, x)
-
-  return Model(init, apply, jax.vmap(apply), kind)
+_DN = ("NHWC", "HWIO", "NHWC")
 
 
-def make_model(name: str, *, input_shape=None, hidden=(64,), n_classes=10, n_users=None,
-               n_items=None, dim=20) -> Model:
-  if name == "mlp":
-    return _from_module(MLP(tuple(hidden), n_classes), input_shape, "classification")
-  if name == "logreg":
-    return _from_module(MLP((), n_classes), input_shape, "classification")
-  if name == "gn_lenet":
-    return _from_module(GNLeNet(), (32, 32, 3), "classification")
-  if name == "mf":
-    return _from_module(MF(n_users, n_items, dim), (2,), "regression", jnp.int32)
-  raise ValueError(f"model: unknown {name!r} (allowed: mlp, logreg, gn_lenet, mf)")
+def _conv(x, w):
+  return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=_DN)
+
+
+def _conv_dx(dy, w):
+  """Input gradient of a stride-1 'SAME' conv with an odd kernel: conv with the flipped kernel."""
+  return _conv(dy, jnp.flip(w, (0, 1)).swapaxes(2, 3))
+
+
+def _conv_dw(x, dy, k: int):
+  """Kernel gradient as a plain convolution: batch = input channels, features = images,
+  the (H, W) output gradient as the window. (Autodiff's version of this convolution is not
+  in canonical form, and inside loops XLA:CPU runs it with a naive emitter.)"""
+  p = k // 2
+  xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  out = lax.conv_general_dilated(jnp.transpose(xp, (3, 1, 2, 0)), jnp.transpose(dy, (1, 2, 0, 3)),
+                                 (1, 1), "VALID", dimension_numbers=_DN)          # (C, k, k, O)
+  return jnp.transpose(out, (1, 2, 0, 3))
+
+
+@jax.custom_vjp
+def _conv_op(x, w):
+  """Stride-1 'SAME' conv of one node's batch, with the fast VJP above. The input gradient is
+  computed only when x is being differentiated (not for the first layer, whose input is data).
+  Inputs with fewer than 4 channels are zero-padded to 4 for the forward pass: XLA:CPU runs
+  3-channel convolutions about 4x slower."""
+  c = x.shape[-1]
+  if c < 4:
+    x = jnp.pad(x, ((0, 0),) * 3 + ((0, 4 - c),))
+    w = jnp.pad(w, ((0, 0),) * 2 + ((0, 4 - c), (0, 0)))
+  return _conv(x, w)
+
+
+def _conv_op_fwd(x, w):
+  # symbolic_zeros=True: primals arrive wrapped, with `perturbed` telling if they need a gradient
+  return _conv_op(x.value, w.value), (x.value, w.value, x.perturbed)
+
+
+def _conv_op_bwd(res, dy):
+  x, w, need_dx = res
+  return (_conv_dx(dy, w) if need_dx else None), _conv_dw(x, dy, w.shape[0])
+
+
+_conv_op.defvjp(_conv_op_fwd, _conv_op_bwd, symbolic_zeros=True)
+
+
+def _pool_view(t):
+  """(B, H, W, C) -> (B, H//2, 2, W//2, 2, C), dropping an odd last row/column (VALID pool)."""
+  b, h, w, c = t.shape
+  return t[:, : h // 2 * 2, : w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c)
+
+
+def _pool_pick(yv, a):
+  """Per window, the y where a*y + c is largest: max y if a > 0, else min y. Choosing on y
+  (exact max/min) keeps the backward pass's argmax test bit-identical to the forward's."""
+  return jnp.where((a > 0)[:, None, None, :], yv.max(axis=(2, 4)), yv.min(axis=(2, 4)))
+
+
+def _gn_stats(y):
+  b, h, w, c = y.shape
+  s1 = y.sum(axis=(1, 2))                                                     # (B, C)
+  s2 = jnp.square(y).sum(axis=(1, 2))
+  cnt = h * w * (c // GN_GROUPS)
+  mean = s1.reshape(b, GN_GROUPS, -1).sum(-1) / cnt                          # (B, G)
+  var = jnp.maximum(s2.reshape(b, GN_GROUPS, -1).sum(-1) / cnt - mean * mean, 0.0)
+  return s1, mean, lax.rsqrt(var + GN_EPS)
+
+
+def _per_channel(v, c):
+  return jnp.repeat(v, c // GN_GROUPS, axis=-1)                               # (B, G) -> (B, C)
+
+
+@jax.custom_vjp
+def _gn_pool_relu(yc, bias_c, scale, bias):
+  """relu(maxpool2x2(GroupNorm(yc + bias_c))) for one node's (B, H, W, C) conv output.
+
+  GroupNorm as flax computes it (variance = E[y^2] - E[y]^2). Max-pool and ReLU commute, and
+  GroupNorm is a per-channel affine map a*y + c after the statistics, so the pool picks on y.
+  """
+  return _gn_pool_relu_fwd(yc, bias_c, scale, bias)[0]
+
+
+def _gn_pool_relu_fwd(yc, bias_c, scale, bias):
+  y = yc + bias_c
+  c_dim = y.shape[-1]
+  s1, mean, inv = _gn_stats(y)
+  a = _per_channel(inv, c_dim) * scale                                        # (B, C)
+  c = bias - _per_channel(mean, c_dim) * a
+  zp = a[:, None, None, :] * _pool_pick(_pool_view(y), a) + c[:, None, None, :]
+  return jnp.maximum(zp, 0.0), (yc, bias_c, scale, s1, mean, inv, a, zp)
+
+
+def _gn_pool_relu_bwd(res, dout):
+  yc, bias_c, scale, s1, mean, inv, a, zp = res
+  b, h, w, c_dim = yc.shape
+  y = yc + bias_c
+  yv = _pool_view(y)
+  win = lambda t: t[:, :, None, :, None, :]                                   # broadcast over the 2x2
+  hit = (yv == win(_pool_pick(yv, a))) & win(zp > 0)
+  dz = jnp.where(hit, win(dout), 0.0)                                         # grad of GN output
+  s_dz = dz.sum(axis=(1, 2, 3, 4))                                            # (B, C)
+  s_dzy = (dz * yv).sum(axis=(1, 2, 3, 4))
+  mean_c, inv_c = _per_channel(mean, c_dim), _per_channel(inv, c_dim)
+  s_dzx = inv_c * (s_dzy - mean_c * s_dz)                                     # sum dz * xhat
+  cnt = h * w * (c_dim // GN_GROUPS)
+  g_mean = (scale * s_dz).reshape(b, GN_GROUPS, -1).sum(-1) / cnt             # mean_g(dxhat)
+  g_corr = (scale * s_dzx).reshape(b, GN_GROUPS, -1).sum(-1) / cnt            # mean_g(dxhat*xhat)
+  # dy = inv * (dxhat - mean_g(dxhat) - xhat * mean_g(dxhat * xhat)) = a*dz + k1 + k2*y
+  k2 = _per_channel(-inv * inv * g_corr, c_dim)
+  k1 = _per_channel(inv * inv * g_corr * mean - inv * g_mean, c_dim)
+  dz = dz.reshape(b, h // 2 * 2, w // 2 * 2, c_dim)
+  if dz.shape[1:3] != (h, w):
+    dz = jnp.pad(dz, ((0, 0), (0, h - dz.shape[1]), (0, w - dz.shape[2]), (0, 0)))
+  dy = a[:, None, None, :] * dz + k1[:, None, None, :] + k2[:, None, None, :] * y
+  d_bias_c = (a * s_dz + h * w * k1 + k2 * s1).sum(0)                         # sum of dy, no extra pass
+  return dy, d_bias_c, s_dzx.sum(0), s_dz.sum(0)
+
+
+_gn_pool_relu.defvjp(_gn_pool_relu_fwd, _gn_pool_relu_bwd)
+
+
+def _gn_lenet_one(p, x):
+  """GN-LeNet of one node with the fast ops; same parameters and outputs as GNLeNet."""
+  for i in (1, 2, 3):
+    y = _conv_op(x, p[f"conv{i}"]["kernel"])
+    x = _gn_pool_relu(y, p[f"conv{i}"]["bias"], p[f"gn{i}"]["scale"], p[f"gn{i}"]["bias"])
+  return x.reshape(x.shape[0], -1) @ p["fc"]["kernel"] + p["fc"]["bias"]
+
+
+def _gn_lenet_stacked(unroll: int):
+  def side_by_side(args):
+    p, x = args
+    return jnp.stack([_gn_lenet_one(jax.tree.map(lambda a: a[i], p), x[i])
+                      for i in range(x.shape[0])])
+
+  def apply_stacked(params, x):
+    n = x.shape[0]
+    g = min(unroll, n)
+    groups, rest = divmod(n, g)
+    head = lambda a: a[: groups * g].reshape((groups, g) + a.shape[1:])
+    out = lax.map(side_by_side, (jax.tree.map(head, params), head(x)))
+    out = out.reshape((groups * g,) + out.shape[2:])
+    if rest:
+      tail = side_by_side((jax.tree.map(lambda a: a[groups * g:], params), x[groups * g:]))
+      out = jnp.concatenate([out, tail])
+    return out
+
+  return apply_stacked
