@@ -62,6 +62,14 @@ class NetworkConfig(_Strict):
   stragglers: StragglerConfig = StragglerConfig()
 
 
+class ServerConfig(_Strict):
+  """FedAvg's server: its own links, and how many clients it samples per round."""
+  cohort: Optional[int] = Field(None, ge=1)  # clients per round; None: every node
+  upload_mbps: float = Field(1000.0, gt=0.0)
+  download_mbps: float = Field(1000.0, gt=0.0)
+  latency_ms: float = Field(1.0, ge=0.0)
+
+
 class DataConfig(_Strict):
   """Task data. `dir` is for real datasets; the other keys shape the synthetic task."""
   dir: Optional[str] = None
@@ -95,7 +103,7 @@ class Config(_Strict):
   duration_s: float = Field(60.0, gt=0.0)
   eval_every_s: float = Field(10.0, gt=0.0)
   target: Optional[float] = None
-  # Graph of the algorithms that need one (dpsgd): see divjax.topology
+  # Graph of the algorithms that need one (dpsgd, adpsgd_pairwise, swift_original): divjax.topology
   topology: Literal["ring", "torus", "regular", "complete", "edges", "random_ring"] = "complete"
   topology_degree: int = Field(4, ge=1)
   topology_edges: Optional[list[list[int]]] = None
@@ -110,6 +118,7 @@ class Config(_Strict):
   # The estimate (divjax.memory) is checked before compiling.
   memory_limit_gb: Optional[float] = Field(None, gt=0.0)
   network: NetworkConfig = NetworkConfig()
+  server: ServerConfig = ServerConfig()
   data: DataConfig = DataConfig()
 
   @model_validator(mode="after")
@@ -129,6 +138,8 @@ class Config(_Strict):
     nodes = self.network.stragglers.nodes
     if nodes is not None and any(not 0 <= i < self.n_nodes for i in nodes):
       raise ValueError(f"network.stragglers.nodes: ids must be in 0..{self.n_nodes - 1} (got {nodes})")
+    if self.server.cohort is not None and self.server.cohort > self.n_nodes:
+      raise ValueError(f"server.cohort: must be <= n_nodes = {self.n_nodes} (got {self.server.cohort})")
     if self.data.classes_per_node > self.data.n_classes:
       raise ValueError(f"data.classes_per_node: must be <= data.n_classes = {self.data.n_classes}")
     self._check_limits()
@@ -266,6 +277,11 @@ def _check_algorithm(cfg: Config) -> None:
         f"algorithm: unknown {cfg.algorithm!r} (registered: {', '.join(sorted(algorithms.REGISTRY))})")
   if cfg.algorithm in algorithms.NEEDS_TOPOLOGY:
     from divjax import topology  # a missing or disconnected graph is bad input, found before compiling
+    if cfg.algorithm in algorithms.FIXED_TOPOLOGY and cfg.topology not in topology.FIXED:
+      raise ConfigError(f"topology: algorithm {cfg.algorithm!r} needs a fixed graph, one of "
+                        f"{', '.join(topology.FIXED)} (got {cfg.topology!r})")
+    if cfg.algorithm == "adpsgd_pairwise" and cfg.topology == "complete":
+      return  # picks any other node without building the graph
     if cfg.topology in topology.FIXED:
       n = cfg.n_nodes
       n_edges = {"complete": n * (n - 1), "edges": 2 * len(cfg.topology_edges or [])}.get(
@@ -275,8 +291,10 @@ def _check_algorithm(cfg: Config) -> None:
                           f"edges, more than {MAX_GRAPH_EDGES} (choose a sparser topology, e.g. ring, "
                           f"torus or regular with a small topology_degree)")
       try:
-        topology.fixed(cfg.topology, cfg.n_nodes, degree=cfg.topology_degree, seed=cfg.seed,
-                       edge_list=cfg.topology_edges)
+        edges = topology.fixed(cfg.topology, cfg.n_nodes, degree=cfg.topology_degree, seed=cfg.seed,
+                               edge_list=cfg.topology_edges)
+        if cfg.algorithm == "swift_original":
+          topology.neighbour_lists(edges, cfg.n_nodes, cfg.topology)
       except topology.TopologyError as e:
         raise ConfigError(f"{e} (algorithm {cfg.algorithm!r} needs a connected graph)") from None
 

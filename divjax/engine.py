@@ -81,6 +81,9 @@ class EngineState(NamedTuple):
   pong_slot: jax.Array      # (N, D, Mr) int32, ring slot of the replier's snapshot
   pong_done: jax.Array      # (N, D, Mr) int32, upload completion, us after the ping's send instant
   pong_made: jax.Array      # (N, D, Mr) int32, tick at which the replier's snapshot was taken
+  # Stored neighbour copies (original SWIFT): (N, K, L), the newest model received from each
+  # of a node's K neighbours; size 0 along K for the other algorithms.
+  store: jax.Array
   retired: jax.Array        # (5,) int32, fates of records whose slot was reused
   sent: jax.Array           # () int32
   age_sum: jax.Array        # () float32, summed age in ticks of consumed payloads
@@ -144,6 +147,18 @@ def make(cfg: Config, task, protocol: Protocol, *, communicate: bool = True) -> 
   if protocol.reply and (protocol.flush or f != 1):
     raise ValueError(f"algorithm {protocol.name}: replies need whole models (fragments = 1) and no flush")
   mr = m if protocol.reply else 0
+  pairwise = protocol.pairwise
+  if pairwise and not protocol.reply:
+    raise ValueError(f"algorithm {protocol.name}: pairwise exchanges need reply=True")
+  stored = protocol.neighbours is not None
+  if stored:
+    if f != 1 or protocol.reply:
+      raise ValueError(f"algorithm {protocol.name}: stored neighbour copies need whole models, no replies")
+    nb = np.asarray(protocol.neighbours, np.int32)                                          # (N, K)
+    nbrs = jnp.asarray(nb)
+    # the message of neighbour s = nb[i, k] that goes to i is s's message number fwd[i, k]
+    fwd = jnp.asarray(np.argmax(nb[nb] == np.arange(n)[:, None, None], axis=2).astype(np.int32))
+  n_store = nb.shape[1] if stored else 0
   rows = jnp.broadcast_to(nodes[:, None, None], (n, d, m))
   slots = jnp.broadcast_to(jnp.arange(d, dtype=jnp.int32)[None, :, None], (n, d, m))
   block_us = h * dt_us
@@ -160,7 +175,8 @@ def make(cfg: Config, task, protocol: Protocol, *, communicate: bool = True) -> 
         msg_dst=zi(n, d, m), msg_frag=zi(n, d, m), msg_fate=zi(n, d, m), msg_tick=zi(n, d, m),
         msg_done=zi(n, d, m), slot_tick=zi(n, d), backlog_us=zi(n),
         pong_fate=zi(n, d, mr), pong_tick=zi(n, d, mr), pong_slot=zi(n, d, mr),
-        pong_done=zi(n, d, mr), pong_made=zi(n, d, mr), retired=zi(len(FATES)), sent=zi(),
+        pong_done=zi(n, d, mr), pong_made=zi(n, d, mr),
+        store=jnp.broadcast_to(fragments_lib.to_layout(p0[None], frags)[0, 0], (n, n_store, width)), retired=zi(len(FATES)), sent=zi(),
         age_sum=jnp.zeros((), jnp.float32), age_count=zi(), tick=zi())
 
   def local_step(state: EngineState, run_key, hyper: Hyper, active):
@@ -229,7 +245,7 @@ def make(cfg: Config, task, protocol: Protocol, *, communicate: bool = True) -> 
     r_j = round_ticks[j]
     base = (t + 1) // r_j
     finished = jnp.where(base >= 1, base - 1 + ((base * r_j - t - 1) * dt_us < arrive), 0)
-    make = in_block & (finished >= 1)
+    make = in_block if pairwise else in_block & (finished >= 1)
     latest = finished - 1
     service = jnp.where(make, service_of(j, rows, jnp.zeros_like(j)), 0)
     enqueue = jnp.where(make, arrive, -block_us)
@@ -253,7 +269,10 @@ def make(cfg: Config, task, protocol: Protocol, *, communicate: bool = True) -> 
 
     back = done + lat                                                             # arrival at the pinger
     consume = consume_tick(t, back, round_ticks[rows])
-    expire = jnp.minimum((latest + d + 1) * r_j - 1, (state.slot_tick + d * round_ticks[:, None])[..., None])
+    # the record lives in the ping's table slot; a push-pull reply's payload also in the replier's ring
+    expire = jnp.broadcast_to((state.slot_tick + d * round_ticks[:, None])[..., None], make.shape)
+    if not pairwise:
+      expire = jnp.minimum((latest + d + 1) * r_j - 1, expire)
     fate = jnp.where(consume > expire, EXPIRED, DELIVERED)
     keep = lambda new, old: jnp.where(make, new, old)
     state = state._replace(
@@ -274,8 +293,9 @@ def make(cfg: Config, task, protocol: Protocol, *, communicate: bool = True) -> 
     due_ping = (state.msg_fate == DELIVERED) & (state.msg_tick == t)
     due_pong = (state.pong_fate == DELIVERED) & (state.pong_tick == t)
     since = since_send_us(state, t)
-    recv = jnp.concatenate([jnp.where(due_ping, state.msg_dst, n).reshape(-1),
-                            jnp.where(due_pong, rows, n).reshape(-1)])
+    # the replies of pairwise exchanges are not averaged at round ends, so never replaced
+    pong_recv = jnp.full_like(rows, n) if pairwise else jnp.where(due_pong, rows, n)
+    recv = jnp.concatenate([jnp.where(due_ping, state.msg_dst, n).reshape(-1), pong_recv.reshape(-1)])
     sender = jnp.concatenate([rows.reshape(-1), state.msg_dst.reshape(-1)])
     done = jnp.concatenate([(state.msg_done - since).reshape(-1), (state.pong_done - since).reshape(-1)])
     order = jnp.lexsort((done, sender, recv))
@@ -286,6 +306,35 @@ def make(cfg: Config, task, protocol: Protocol, *, communicate: bool = True) -> 
     state = state._replace(msg_fate=jnp.where(rep_ping, SUPERSEDED, state.msg_fate),
                            pong_fate=jnp.where(rep_pong, SUPERSEDED, state.pong_fate))
     return state, due_ping & ~rep_ping, due_pong & ~rep_pong
+
+  def exchange(params, state: EngineState, t, due_pong):
+    """Atomic pairwise averages (original AD-PSGD) of the exchanges completed now, one after
+    the other, by pinger, then reply arrival (as the reference processes them)."""
+    since = since_send_us(state, t)
+    lat = (lat_us[rows] + lat_us[state.msg_dst]) // 2
+    flat = lambda a: a.reshape(-1)
+    done = flat(state.pong_done - since)
+    order = jnp.lexsort((flat(state.msg_dst), done, done + flat(lat), flat(rows)))
+
+    def one(p, rec):
+      a, b, go = rec
+
+      def avg(p):
+        mean = (p[a] + p[b]) / 2.0
+        return p.at[a].set(mean).at[b].set(mean)
+
+      return jax.lax.cond(go, avg, lambda p: p, p), None
+
+    params, _ = jax.lax.scan(one, params, (flat(rows)[order], flat(state.msg_dst)[order],
+                                           flat(due_pong)[order]))
+    return params
+
+  def refresh_store(store, ring, due):
+    """Stored neighbour copies (original SWIFT): the newest model consumed from each neighbour."""
+    for slot in range(d):  # at most one due record per (sender, receiver): newer ones supersede
+      got = due[nbrs, slot, fwd]                                                           # (N, K)
+      store = jnp.where(got[..., None], ring[slot, nbrs, 0], store)
+    return store
 
   def end_rounds(state: EngineState, run_key, ends):
     """The round-end tick of a block: replies, aggregation, snapshots, new messages."""
@@ -300,16 +349,27 @@ def make(cfg: Config, task, protocol: Protocol, *, communicate: bool = True) -> 
       state, due, due_pong = newest_only(state, t)
     else:
       due = (state.msg_fate == DELIVERED) & (state.msg_tick == t)
-    sums, counts = route(state.ring, due, rows, slots, state.msg_dst, state.msg_frag)
-    ages = jnp.sum(jnp.where(due, (t - state.slot_tick)[..., None], 0))
-    n_used = jnp.sum(due, dtype=jnp.int32)
-    if protocol.reply:
-      s2, c2 = route(state.ring, due_pong, state.msg_dst, state.pong_slot, rows, jnp.zeros_like(rows))
-      sums, counts = sums + s2, counts + c2
-      ages += jnp.sum(jnp.where(due_pong, t - state.pong_made, 0))
-      n_used += jnp.sum(due_pong, dtype=jnp.int32)
-    mixed = (xl + sums) / (1.0 + counts)[..., None]
-    params = jnp.where(ends[:, None], fragments_lib.from_layout(mixed, frags), state.params)
+    store = state.store
+    if pairwise:  # the replies complete exchanges; the pings themselves carry nothing to average
+      params = exchange(state.params, state, t, due_pong)
+      ages = jnp.sum(jnp.where(due_pong, (t - state.slot_tick)[..., None], 0))
+      n_used = jnp.sum(due_pong, dtype=jnp.int32)
+    else:
+      ages = jnp.sum(jnp.where(due, (t - state.slot_tick)[..., None], 0))
+      n_used = jnp.sum(due, dtype=jnp.int32)
+      if stored:
+        store = refresh_store(store, state.ring, due)
+        mixed = (xl[:, 0] + store.sum(axis=1)) / (1.0 + n_store)
+        mixed = mixed[:, None]
+      else:
+        sums, counts = route(state.ring, due, rows, slots, state.msg_dst, state.msg_frag)
+        if protocol.reply:
+          s2, c2 = route(state.ring, due_pong, state.msg_dst, state.pong_slot, rows, jnp.zeros_like(rows))
+          sums, counts = sums + s2, counts + c2
+          ages += jnp.sum(jnp.where(due_pong, t - state.pong_made, 0))
+          n_used += jnp.sum(due_pong, dtype=jnp.int32)
+        mixed = (xl + sums) / (1.0 + counts)[..., None]
+      params = jnp.where(ends[:, None], fragments_lib.from_layout(mixed, frags), state.params)
 
     # b. retire slot r % D (its records are all final by now) and write the snapshot
     k = state.rounds % d                                                                     # (N,)
@@ -358,7 +418,7 @@ def make(cfg: Config, task, protocol: Protocol, *, communicate: bool = True) -> 
       return table.at[nodes, k].set(jnp.where(ends[:, None], new, table[nodes, k]))
 
     return state._replace(
-        params=params, ring=ring, retired=retired,
+        params=params, ring=ring, retired=retired, store=store,
         msg_dst=write(state.msg_dst, dst), msg_frag=write(state.msg_frag, frag),
         msg_fate=write(msg_fate, fate), msg_tick=write(state.msg_tick, ftick),
         msg_done=write(state.msg_done, completion),

@@ -3,7 +3,8 @@
 The estimate is made before anything is compiled or allocated, from shapes only:
 
   state        the EngineState, exactly (jax.eval_shape of engine.init): params, optimizer
-               state, ring (D, N, F, L) float32, message tables (N, D, M) int32, counters;
+               state, ring (D, N, F, L) float32, message tables (N, D, M) int32, stored
+               neighbour copies (N, K, P) for original SWIFT, counters;
   chunk copy   one more state: a chunk's output is written while its input is alive (donation
                is not always possible, e.g. on CPU), and a checkpoint copies it to the host;
   training     one local step: gradients, updates and new parameters (3 x params) plus the
@@ -87,6 +88,7 @@ def estimate(sim) -> dict[str, int]:
       "optimizer": _tree_bytes(state.opt_state),
       "ring": _tree_bytes(state.ring),
       "messages": tables,
+      "stored_copies": _tree_bytes(getattr(state, "store", ())),  # original SWIFT: N x K x P
   }
   parts["other_state"] = _tree_bytes(state) - sum(parts.values())
   parts["chunk_copy"] = _tree_bytes(state)
@@ -155,7 +157,7 @@ def check(sim, device=None) -> dict[str, Any]:
     limit, source = device_limit(device)
   info = {"estimate_bytes": total, "parts": parts, "limit_bytes": limit, "limit_source": source}
   if limit is not None and total > limit:
-    state = parts["params"] + parts["optimizer"] + parts["ring"] + parts["messages"]
+    state = parts["params"] + parts["optimizer"] + parts["ring"] + parts["messages"] + parts["stored_copies"]
     big = ", ".join(f"{k} {_gb(v)}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v)
     raise TooLarge(
         f"memory: this run needs about {_gb(total)} ({big}), more than the {_gb(limit)} allowed "

@@ -43,6 +43,7 @@ class Message:
   completion: int = 0                 # end of upload
   status: str = "queued"  # queued, transit, buffered, replaced; then delivered, superseded, flushed, expired
   ping: bool = False                  # asks the receiver for a reply (AD-PSGD)
+  reply: bool = False                 # is such a reply
 
 
 @dataclass
@@ -59,6 +60,8 @@ class Node:
   latest: Optional[np.ndarray] = None            # last post-training snapshot (what a reply carries)
   latest_round: int = -1
   latest_time: int = 0
+  exchanges: list = field(default_factory=list)  # arrived replies of pairwise exchanges, in order
+  store: list = field(default_factory=list)      # newest model from each fixed neighbour (SWIFT)
 
 
 def simulate(cfg: Config, task, protocol: Protocol, n_ticks: int, depth: int,
@@ -82,6 +85,10 @@ def simulate(cfg: Config, task, protocol: Protocol, n_ticks: int, depth: int,
 
   p0 = np.asarray(task.init_flat(sampling.stream(run_key, sampling.STREAM_INIT)), np.float32)
   nodes = [Node(p0.copy(), np.zeros_like(p0)) for _ in range(n)]
+  nbrs = protocol.neighbours
+  if nbrs is not None:  # stored copies start as the common initial model
+    for node in nodes:
+      node.store = [p0.copy() for _ in range(nbrs.shape[1])]
 
   grad_fn = jax.jit(jax.grad(lambda p, x, y: task.loss_stacked(p[None], x[None], y[None])[0]))
   batch_fn = jax.jit(lambda i, k: sampling.batch_indices(k_batch, i, k, task.parts, task.counts,
@@ -122,7 +129,7 @@ def simulate(cfg: Config, task, protocol: Protocol, n_ticks: int, depth: int,
       push(step_time(i, node.steps + 1), STEP, i)
       if node.steps % h == 0:
         snapshot = node.params.copy()  # post-training, pre-aggregation model
-        push(now, AGGREGATE, i)
+        push(now, AGGREGATE, i, key=(i,))  # same-instant round ends in node order
         push(now, SEND, (i, snapshot))
 
     elif kind == ARRIVE:
@@ -130,14 +137,27 @@ def simulate(cfg: Config, task, protocol: Protocol, n_ticks: int, depth: int,
       if msg.status != "transit":  # expired on the way
         continue
       rcv = nodes[msg.dst]
+      if msg.reply and protocol.pairwise:  # completes an exchange at the pinger's next round end
+        msg.status = "buffered"
+        rcv.exchanges.append(msg)
+        continue
       old = rcv.buffer.get((msg.src, msg.frag))
       if old is not None:  # the newer copy replaces the older one
         old.status = "replaced"  # counted as superseded at the receiver's next aggregation
         rcv.replaced.append(old)
       msg.status = "buffered"
       rcv.buffer[(msg.src, msg.frag)] = msg
-      if msg.ping and rcv.latest is not None:  # reply at once with the latest snapshot
-        pong = Message(msg.dst, msg.src, 0, rcv.latest_round, rcv.latest_time, rcv.latest.copy())
+      if msg.ping and protocol.pairwise:  # the exchange's reply; its payload is never read
+        pong = Message(msg.dst, msg.src, 0, msg.round, msg.send_time, rcv.params.copy(), reply=True)
+        start = max(rcv.busy_until, now)
+        pong.completion = rcv.busy_until = start + service(msg.dst, msg.src, 0)
+        rcv.queue.append(pong)
+        counts["sent"] += 1
+        push(pong.completion, -1, pong)
+        nodes[msg.src].sent[msg.round].append(pong)
+      elif msg.ping and rcv.latest is not None:  # reply at once with the latest snapshot
+        pong = Message(msg.dst, msg.src, 0, rcv.latest_round, rcv.latest_time, rcv.latest.copy(),
+                       reply=True)
         start = max(rcv.busy_until, now)
         pong.completion = rcv.busy_until = start + service(msg.dst, msg.src, 0)
         rcv.queue.append(pong)
@@ -155,12 +175,32 @@ def simulate(cfg: Config, task, protocol: Protocol, n_ticks: int, depth: int,
       total = node.params.astype(np.float32).copy()
       count = np.zeros_like(total)
       for msg in node.buffer.values():
-        total[coords[msg.frag]] += msg.payload
-        count[coords[msg.frag]] += 1
+        if nbrs is not None:   # SWIFT: replace the stored copy of this neighbour
+          node.store[list(nbrs[i]).index(msg.src)] = msg.payload
+        elif not protocol.pairwise:
+          total[coords[msg.frag]] += msg.payload
+          count[coords[msg.frag]] += 1
+        msg.status = "delivered"
+        counts["delivered"] += 1
+        if not protocol.pairwise:
+          age_sum += (now - msg.send_time) // dt
+          age_count += 1
+      for msg in node.exchanges:  # AD-PSGD: both models become their average, atomically
+        other = nodes[msg.src]
+        mean = ((node.params + other.params) / np.float32(2)).astype(np.float32)
+        node.params, other.params = mean, mean.copy()
         msg.status = "delivered"
         counts["delivered"] += 1
         age_sum += (now - msg.send_time) // dt
         age_count += 1
+      node.exchanges = []
+      if protocol.pairwise:
+        total = node.params.copy()
+      if nbrs is not None:
+        total = node.params.astype(np.float32).copy()
+        for copy in node.store:
+          total += copy
+        count[:] = len(node.store)
       for msg in node.replaced:
         msg.status = "superseded"
         counts["delivered"] += 1
@@ -179,7 +219,9 @@ def simulate(cfg: Config, task, protocol: Protocol, n_ticks: int, depth: int,
       # (a copy already replaced by a newer one in a buffer loses its payload all the same)
       for msg in node.sent.pop(r - depth, []):
         if msg.status in ("queued", "transit", "buffered", "replaced"):
-          if msg.status == "buffered":
+          if msg.status == "buffered" and msg.reply and protocol.pairwise:
+            nodes[msg.dst].exchanges.remove(msg)
+          elif msg.status == "buffered":
             del nodes[msg.dst].buffer[(msg.src, msg.frag)]
           if msg.status == "replaced":
             nodes[msg.dst].replaced.remove(msg)
@@ -241,6 +283,7 @@ def simulate_sync(cfg: Config, task, protocol, n_ticks: int, run_key: Optional[j
   Each round: every node takes H SGD steps (one at a time), each sender serves its messages
   FIFO in edge-list order, the barrier waits for the last arrival, then x_i <- sum_j W_ij x_j
   computed with explicit loops. A round that would end after n_ticks * dt is not run.
+  Server algorithms (FedAvg): the cohort trains, the server averages (see divjax.sync).
   """
   n, h = cfg.n_nodes, cfg.local_steps
   net = network_lib.build(cfg)
@@ -259,7 +302,42 @@ def simulate_sync(cfg: Config, task, protocol, n_ticks: int, run_key: Optional[j
   velocity = np.zeros_like(params)
   steps, rounds, now, sent = np.zeros(n, np.int64), 0, 0, 0
 
-  while True:
+  def train(i):
+    for _ in range(h):
+      idx = np.asarray(batch_fn(i, int(steps[i])))
+      g = np.asarray(grad_fn(params[i], x_train[idx], y_train[idx]))
+      velocity[i] = g + cfg.momentum * velocity[i] if cfg.momentum > 0 else g
+      params[i] = params[i] - np.float32(cfg.lr) * velocity[i]
+      steps[i] += 1
+
+  while protocol.cohort is not None:  # FedAvg: a server round
+    cohort = np.asarray(protocol.cohort(k_mix, rounds)).tolist()
+    srv = cfg.server
+    lat = {i: (int(round(srv.latency_ms * 1e3)) + int(net.latency_us[i])) // 2 for i in cohort}
+    down = int(np.ceil(bits * 1e6 / (srv.upload_mbps * 1e6)))
+    t, ready = 0, {}
+    for i in cohort:                      # the server sends the model to one client after another
+      t += down
+      ready[i] = t + lat[i] + h * int(net.period[i]) * dt + lat[i]
+    busy = 0
+    for i in sorted(cohort, key=lambda i: (ready[i], i)):  # one upload at a time at the server
+      up = int(np.ceil(bits * 1e6 / min(net.upload_bps[i], srv.download_mbps * 1e6)))
+      busy = max(busy, ready[i]) + up
+    if now + busy > horizon:
+      break
+    for i in cohort:
+      train(i)
+    sizes = np.asarray(task.counts, np.float32)[cohort]
+    weights = sizes / sizes.sum()
+    global_ = np.zeros_like(params[0])
+    for wk, i in zip(weights, cohort):
+      global_ += np.float32(wk) * params[i]
+    params[:] = global_
+    sent += 2 * len(cohort)
+    rounds += 1
+    now += busy
+
+  while protocol.cohort is None:
     src, dst, w, self_w = (np.asarray(a) for a in protocol.mixing(k_mix, rounds))
     finish = max(h * int(net.period[i]) * dt for i in range(n))
     busy = {i: h * int(net.period[i]) * dt for i in range(n)}   # each sender starts after its compute
@@ -271,12 +349,7 @@ def simulate_sync(cfg: Config, task, protocol, n_ticks: int, run_key: Optional[j
     if now + finish > horizon:
       break
     for i in range(n):
-      for _ in range(h):
-        idx = np.asarray(batch_fn(i, int(steps[i])))
-        g = np.asarray(grad_fn(params[i], x_train[idx], y_train[idx]))
-        velocity[i] = g + cfg.momentum * velocity[i] if cfg.momentum > 0 else g
-        params[i] = params[i] - np.float32(cfg.lr) * velocity[i]
-        steps[i] += 1
+      train(i)
     mixed = self_w[:, None].astype(np.float32) * params
     for s, d, we in zip(src.tolist(), dst.tolist(), w.tolist()):
       mixed[d] += np.float32(we) * params[s]

@@ -207,6 +207,8 @@ def run(cfg: Config, *, on_eval: Optional[Callable[[dict], None]] = None,
       "node_steps_per_s": steps / run_s if run_s > 0 else None,
       "device": jax.devices()[0].device_kind,
   })
+  if sim.task.baseline is not None:  # e.g. MovieLens: the RMSE a run has to beat
+    summary["baseline"] = sim.task.baseline
   summary["status"] = status
   if divergence is not None:
     summary["divergence"] = divergence

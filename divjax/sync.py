@@ -11,11 +11,19 @@ in sender i's queue (edges served in edge-list order at min(upload, receiver dow
 all in integer microseconds, exactly as in the asynchronous engine's link model. A round's
 effect appears when it completes; a round that would end after the time budget is not run.
 No message is ever flushed or expired: sent = delivered at every round end.
+
+Server rounds (FedAvg, a SyncProtocol with `cohort`): the server sends the global model to
+the round's cohort one client after the other over its upload link (cohort in id order);
+each client trains H steps once its copy has arrived and sends the result back; the server's
+download link takes one upload at a time, in the order the clients are ready (ties by id).
+The round ends when the last upload has arrived; the server's average, weighted by the
+clients' training-set sizes, becomes every node's model (nodes outside the cohort hold what
+the server would send them next, so per-node evaluation measures the global model).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -33,10 +41,12 @@ class SyncProtocol(NamedTuple):
   """A synchronous algorithm: the mixing of round r, sampled from a key.
 
   mixing(key, round) -> (src (E,), dst (E,), w (E,), self_w (N,)); an edge with w == 0 carries
-  no message. E is static.
+  no message. E is static. Server algorithms give `cohort(key, round) -> (C,) int32` sorted
+  client ids instead (mixing is then unused).
   """
   name: str
-  mixing: Callable
+  mixing: Optional[Callable] = None
+  cohort: Optional[Callable] = None
 
 
 class SyncState(NamedTuple):
@@ -92,6 +102,27 @@ def make(cfg: Config, task, protocol: SyncProtocol) -> SyncEngine:
     finish = compute_us[s_src] + completion + (lat_us[s_src] + lat_us[dst[order]]) // 2
     return jnp.maximum(jnp.max(compute_us), jnp.max(jnp.where(live[order], finish, 0)))
 
+  server = cfg.server
+  server_lat = int(round(server.latency_ms * 1e3))
+  to_server_lat = jnp.asarray((server_lat + net.latency_us) // 2, jnp.int32)             # (N,)
+  down_svc = jnp.asarray(network_lib.service_us(bits, np.full(n, server.upload_mbps * 1e6))[:, 0], jnp.int32)
+  up_svc = jnp.asarray(network_lib.service_us(
+      bits, np.minimum(net.upload_bps, server.download_mbps * 1e6))[:, 0], jnp.int32)     # (N,)
+  sizes = jnp.asarray(task.counts, jnp.float32)                                          # (N,)
+
+  def server_round_duration(cohort):
+    """Exact FedAvg round time (microseconds): serial downloads, training, serial uploads."""
+    arrive = jnp.cumsum(down_svc[cohort]) + to_server_lat[cohort]           # client has the model
+    ready = arrive + compute_us[cohort] + to_server_lat[cohort]             # its upload could start
+    order = jnp.lexsort((cohort, ready))
+
+    def serve(busy, k):
+      done = jnp.maximum(busy, ready[k]) + up_svc[cohort[k]]
+      return done, None
+
+    last, _ = jax.lax.scan(serve, jnp.zeros((), jnp.int32), order)
+    return last
+
   def init(run_key) -> SyncState:
     p0 = task.init_flat(sampling.stream(run_key, sampling.STREAM_INIT))
     params = jnp.tile(p0[None, :], (n, 1))
@@ -115,11 +146,30 @@ def make(cfg: Config, task, protocol: SyncProtocol) -> SyncEngine:
     return state._replace(params=mixed, opt_state=opt_state, steps=steps, rounds=state.rounds + 1,
                           sent=state.sent + jnp.sum(w > 0, dtype=jnp.int32)), losses.mean()
 
+  def server_round(state: SyncState, run_key, hyper, cohort):
+    member = jnp.zeros((n,), bool).at[cohort].set(True)
+
+    def local(carry, _):
+      params, opt_state, steps = carry
+      params, opt_state, steps, losses = sgd.step(params, opt_state, steps, run_key, hyper.lr, member)
+      return (params, opt_state, steps), jnp.sum(jnp.where(member, losses, 0.0)) / cohort.shape[0]
+
+    (params, opt_state, steps), losses = jax.lax.scan(
+        local, (state.params, state.opt_state, state.steps), None, length=h)
+    w = sizes[cohort] / jnp.sum(sizes[cohort])
+    global_ = jnp.sum(w[:, None] * params[cohort], axis=0)
+    return state._replace(params=jnp.broadcast_to(global_, params.shape), opt_state=opt_state,
+                          steps=steps, rounds=state.rounds + 1,
+                          sent=state.sent + 2 * cohort.shape[0]), losses.mean()
+
   def advance(state: SyncState, run_key, hyper, length: int):
     """Runs every round that completes by tick state.tick + length."""
     target_us = (state.tick + length) * dt_us
 
     def next_round(s):
+      if protocol.cohort is not None:
+        cohort = protocol.cohort(k_mix(run_key), s.rounds[0])
+        return cohort, server_round_duration(cohort)
       mix = protocol.mixing(k_mix(run_key), s.rounds[0])
       return mix, round_duration(*mix[:3])
 
@@ -131,7 +181,8 @@ def make(cfg: Config, task, protocol: SyncProtocol) -> SyncEngine:
     def body(carry):
       s, loss_sum, count = carry
       mix, dur = next_round(s)
-      s, loss = one_round(s, run_key, hyper, mix)
+      run = server_round if protocol.cohort is not None else one_round
+      s, loss = run(s, run_key, hyper, mix)
       return s._replace(time_us=s.time_us + dur), loss_sum + loss, count + 1
 
     state, loss_sum, count = jax.lax.while_loop(

@@ -130,3 +130,15 @@ def second_eigenvalue(mat: np.ndarray) -> float:
   """Second-largest eigenvalue modulus of a symmetric mixing matrix."""
   ev = np.sort(np.abs(np.linalg.eigvalsh(mat)))[::-1]
   return float(ev[1])
+
+
+def neighbour_lists(edges: Edges, n: int, name: str = "graph") -> np.ndarray:
+  """(N, K) neighbours of every node, sorted, for a K-regular graph (algorithms that keep one
+  slot per neighbour need the same K everywhere)."""
+  deg = np.bincount(edges.src, minlength=n)
+  if deg.min() != deg.max():
+    raise TopologyError(f"topology: the {name} graph is not regular (degrees {deg.min()} to {deg.max()}); "
+                        f"this algorithm needs every node to have the same number of neighbours "
+                        f"(ring, torus, regular, complete, or such an edge list)")
+  order = np.lexsort((edges.dst, edges.src))
+  return edges.dst[order].reshape(n, int(deg[0])).astype(np.int32)

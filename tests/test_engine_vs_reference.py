@@ -126,3 +126,28 @@ def test_diablo_preset_matches_reference():
   state, ref_params, ref_counts = run_both(cfg)
   assert ref_counts["msgs_flushed"] > 0  # slow region pairs lose fragments at the flush
   assert_agree(state, ref_params, ref_counts)
+
+
+@pytest.mark.parametrize("case", ["comm-stragglers", "compute-stragglers-superseded",
+                                  pytest.param("fast-links", marks=pytest.mark.slow),
+                                  pytest.param("both-stragglers", marks=pytest.mark.slow),
+                                  pytest.param("short-ring-expires", marks=pytest.mark.slow)])
+def test_swift_original_engine_matches_reference(case):
+  """Fixed neighbours, stored copies reused when a neighbour sent nothing new, 1/(deg+1)."""
+  cfg = tiny_config("algorithm=swift_original", "topology=ring", *CASES[case])
+  state, ref_params, ref_counts = run_both(cfg, n_ticks=48)
+  assert ref_counts["msgs_delivered"] > 0
+  assert_agree(state, ref_params, ref_counts)
+
+
+@pytest.mark.parametrize("case, topo", [("comm-stragglers", "complete"), ("both-stragglers", "ring"),
+                                        pytest.param("fast-links", "torus", marks=pytest.mark.slow),
+                                        pytest.param("slow-links-flush", "complete", marks=pytest.mark.slow),
+                                        pytest.param("compute-stragglers-superseded", "complete",
+                                                     marks=pytest.mark.slow)])
+def test_adpsgd_pairwise_engine_matches_reference(case, topo):
+  """Atomic pairwise averages when the reply of an exchange reaches its pinger."""
+  cfg = tiny_config("algorithm=adpsgd_pairwise", f"topology={topo}", *CASES[case])
+  state, ref_params, ref_counts = run_both(cfg, n_ticks=48)
+  assert ref_counts["age_count"] > 0  # exchanges completed
+  assert_agree(state, ref_params, ref_counts)

@@ -17,11 +17,13 @@ ALGOS = {
     "dpsgd-ring": ["algorithm=dpsgd", "topology=ring"],
     "dpsgd-random-ring": ["algorithm=dpsgd", "topology=random_ring"],
     "el": ["algorithm=el", "recipients=2"],
+    "fedavg-all": ["algorithm=fedavg", "server.upload_mbps=2", "server.download_mbps=1"],
+    "fedavg-cohort": ["algorithm=fedavg", "server.cohort=3", "server.upload_mbps=3", "server.latency_ms=4"],
 }
 
 
 DEFAULT = {("dpsgd-ring", "comm-stragglers"), ("dpsgd-random-ring", "compute-stragglers"),
-           ("el", "plain")}
+           ("el", "plain"), ("fedavg-cohort", "comm-stragglers"), ("fedavg-all", "compute-stragglers")}
 
 
 @pytest.mark.parametrize("algo, case", [

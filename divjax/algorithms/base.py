@@ -8,9 +8,10 @@ flushed when the next round starts.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import jax
+import numpy as np
 
 
 class Protocol(NamedTuple):
@@ -25,6 +26,13 @@ class Protocol(NamedTuple):
     reply: the round's messages are pings: on arrival, a receiver that has finished a round
       puts a reply (its latest post-training snapshot, whole model) into its own send queue
       (AD-PSGD's push-pull). Needs fragments == 1 and flush == False.
+    pairwise: with `reply`, a ping and its reply form one atomic pairwise exchange (original
+      AD-PSGD): when the reply reaches the pinger (at the pinger's first round end after its
+      arrival), both nodes' models are replaced by their average, as they are at that
+      instant; nothing received is averaged at round ends. Every ping gets a reply.
+    neighbours: (N, K) int32 fixed neighbours, or None. With them, a node keeps the newest model received from each neighbour (initially the
+      common initial model) and its round end sets x <- (x + sum of the K stored copies) /
+      (K + 1) (original SWIFT). The plan must send the whole model to neighbours[i] in order.
   """
   name: str
   fragments: int
@@ -32,3 +40,5 @@ class Protocol(NamedTuple):
   flush: bool
   plan: Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
   reply: bool = False
+  pairwise: bool = False
+  neighbours: Optional[np.ndarray] = None
