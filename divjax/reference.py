@@ -315,14 +315,15 @@ def simulate_sync(cfg: Config, task, protocol, n_ticks: int, run_key: Optional[j
     srv = cfg.server
     lat = {i: (int(round(srv.latency_ms * 1e3)) + int(net.latency_us[i])) // 2 for i in cohort}
     down = int(np.ceil(bits * 1e6 / (srv.upload_mbps * 1e6)))
-    t, ready = 0, {}
+    into_server = int(np.ceil(bits * 1e6 / (srv.download_mbps * 1e6)))
+    t, alone = 0, {}
     for i in cohort:                      # the server sends the model to one client after another
       t += down
-      ready[i] = t + lat[i] + h * int(net.period[i]) * dt + lat[i]
+      up = int(np.ceil(bits * 1e6 / net.upload_bps[i]))
+      alone[i] = t + lat[i] + h * int(net.period[i]) * dt + up + lat[i]  # its upload, if alone
     busy = 0
-    for i in sorted(cohort, key=lambda i: (ready[i], i)):  # one upload at a time at the server
-      up = int(np.ceil(bits * 1e6 / min(net.upload_bps[i], srv.download_mbps * 1e6)))
-      busy = max(busy, ready[i]) + up
+    for i in sorted(cohort, key=lambda i: (alone[i], i)):  # the server link takes one per into_server
+      busy = max(busy + into_server, alone[i])
     if now + busy > horizon:
       break
     for i in cohort:

@@ -14,8 +14,10 @@ No message is ever flushed or expired: sent = delivered at every round end.
 
 Server rounds (FedAvg, a SyncProtocol with `cohort`): the server sends the global model to
 the round's cohort one client after the other over its upload link (cohort in id order);
-each client trains H steps once its copy has arrived and sends the result back; the server's
-download link takes one upload at a time, in the order the clients are ready (ties by id).
+each client trains H steps once its copy has arrived and sends the result back over its own
+upload link; the server's download link takes in one upload per size/server_download, in the
+order the uploads could finish (ties by id), so upload k is done at
+max(done_{k-1} + size/server_download, ready_k + size/upload_k).
 The round ends when the last upload has arrived; the server's average, weighted by the
 clients' training-set sizes, becomes every node's model (nodes outside the cohort hold what
 the server would send them next, so per-node evaluation measures the global model).
@@ -106,18 +108,19 @@ def make(cfg: Config, task, protocol: SyncProtocol) -> SyncEngine:
   server_lat = int(round(server.latency_ms * 1e3))
   to_server_lat = jnp.asarray((server_lat + net.latency_us) // 2, jnp.int32)             # (N,)
   down_svc = jnp.asarray(network_lib.service_us(bits, np.full(n, server.upload_mbps * 1e6))[:, 0], jnp.int32)
-  up_svc = jnp.asarray(network_lib.service_us(
-      bits, np.minimum(net.upload_bps, server.download_mbps * 1e6))[:, 0], jnp.int32)     # (N,)
+  up_svc = jnp.asarray(network_lib.service_us(bits, net.upload_bps)[:, 0], jnp.int32)     # (N,)
+  in_svc = int(network_lib.service_us(bits, np.array([server.download_mbps * 1e6]))[0, 0])
   sizes = jnp.asarray(task.counts, jnp.float32)                                          # (N,)
 
   def server_round_duration(cohort):
     """Exact FedAvg round time (microseconds): serial downloads, training, serial uploads."""
     arrive = jnp.cumsum(down_svc[cohort]) + to_server_lat[cohort]           # client has the model
-    ready = arrive + compute_us[cohort] + to_server_lat[cohort]             # its upload could start
-    order = jnp.lexsort((cohort, ready))
+    # its upload, alone, would be done then
+    alone = arrive + compute_us[cohort] + up_svc[cohort] + to_server_lat[cohort]
+    order = jnp.lexsort((cohort, alone))
 
     def serve(busy, k):
-      done = jnp.maximum(busy, ready[k]) + up_svc[cohort[k]]
+      done = jnp.maximum(busy + in_svc, alone[k])
       return done, None
 
     last, _ = jax.lax.scan(serve, jnp.zeros((), jnp.int32), order)

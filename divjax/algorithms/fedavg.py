@@ -3,8 +3,9 @@ coming from federated learning, not a decentralized algorithm.
 
 Each round the server samples a cohort of C = `server.cohort` clients uniformly without
 replacement (all nodes by default), sends them the global model over its own upload link
-(`server.upload_mbps`), each client runs H local SGD steps and sends its model back (the
-server's `server.download_mbps` link takes one upload at a time), and the new global model is
+(`server.upload_mbps`, one copy after another), each client runs H local SGD steps and
+sends its model back over its own link, the server's `server.download_mbps` link taking in
+one model at a time at its rate, and the new global model is
 the average of the cohort's models weighted by their training-set sizes. Round timing:
 divjax.sync (server rounds); 2C messages per round.
 """
