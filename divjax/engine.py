@@ -314,27 +314,23 @@ def make(cfg: Config, task, protocol: Protocol, *, communicate: bool = True) -> 
     lat = (lat_us[rows] + lat_us[state.msg_dst]) // 2
     flat = lambda a: a.reshape(-1)
     done = flat(state.pong_done - since)
-    order = jnp.lexsort((flat(state.msg_dst), done, done + flat(lat), flat(rows)))
+    due = flat(due_pong)
+    order = jnp.lexsort((flat(state.msg_dst), done, done + flat(lat), flat(rows), ~due))  # due first
+    pinger, replier = flat(rows)[order], flat(state.msg_dst)[order]
 
-    def one(p, rec):
-      a, b, go = rec
+    def one(k, p):  # two rows updated in place: O(P) per exchange
+      a, b = pinger[k], replier[k]
+      mean = (p[a] + p[b]) / 2.0
+      return p.at[a].set(mean).at[b].set(mean)
 
-      def avg(p):
-        mean = (p[a] + p[b]) / 2.0
-        return p.at[a].set(mean).at[b].set(mean)
-
-      return jax.lax.cond(go, avg, lambda p: p, p), None
-
-    params, _ = jax.lax.scan(one, params, (flat(rows)[order], flat(state.msg_dst)[order],
-                                           flat(due_pong)[order]))
-    return params
+    return jax.lax.fori_loop(0, jnp.sum(due), one, params)
 
   def refresh_store(store, ring, due):
     """Stored neighbour copies (original SWIFT): the newest model consumed from each neighbour."""
-    for slot in range(d):  # at most one due record per (sender, receiver): newer ones supersede
-      got = due[nbrs, slot, fwd]                                                           # (N, K)
-      store = jnp.where(got[..., None], ring[slot, nbrs, 0], store)
-    return store
+    # at most one due record per (sender, receiver): newer copies supersede older ones
+    due_nk = due[nbrs, :, fwd]                                                           # (N, K, D)
+    slot = jnp.argmax(due_nk, axis=-1)
+    return jnp.where(due_nk.any(-1)[..., None], ring[slot, nbrs, 0], store)
 
   def end_rounds(state: EngineState, run_key, ends):
     """The round-end tick of a block: replies, aggregation, snapshots, new messages."""

@@ -136,7 +136,8 @@ def test_swift_original_engine_matches_reference(case):
   """Fixed neighbours, stored copies reused when a neighbour sent nothing new, 1/(deg+1)."""
   cfg = tiny_config("algorithm=swift_original", "topology=ring", *CASES[case])
   state, ref_params, ref_counts = run_both(cfg, n_ticks=48)
-  assert ref_counts["msgs_delivered"] > 0
+  # with the short ring every copy expires: the stored initial models are all there is
+  assert ref_counts["msgs_expired" if case == "short-ring-expires" else "msgs_delivered"] > 0
   assert_agree(state, ref_params, ref_counts)
 
 
