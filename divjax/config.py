@@ -99,6 +99,9 @@ class Config(_Strict):
   # auto: mlp for synthetic and MNIST, gn_lenet for CIFAR-10, mf for MovieLens
   model: Literal["auto", "mlp", "logreg", "gn_lenet", "mf"] = "auto"
   mf_dim: int = Field(20, ge=1)
+  # MovieLens: "none" predicts <u, v> (the paper's model); "global_mean" predicts
+  # mean_train + <u, v>, a constant of the task, not a parameter (divjax.tasks.movielens says why)
+  mf_offset: Literal["none", "global_mean"] = "none"
   hidden: list[int] = Field(default_factory=lambda: [64])
   duration_s: float = Field(60.0, gt=0.0)
   eval_every_s: float = Field(10.0, gt=0.0)

@@ -163,6 +163,6 @@ def check(sim, device=None) -> dict[str, Any]:
         f"memory: this run needs about {_gb(total)} ({big}), more than the {_gb(limit)} allowed "
         f"({source}). The state ({_gb(state)}) grows with n_nodes = {cfg.n_nodes} and, for the ring "
         f"(D x N x model floats) and message tables, with ring_depth (D = {sim.engine.depth}); "
-        f"evaluation grows with eval_batch = {cfg.eval_batch} x n_nodes. Reduce ring_depth, "
+        f"evaluation grows with eval_batch = {cfg.eval_batch} x min(n_nodes, 64) models evaluated together. Reduce ring_depth, "
         f"n_nodes or eval_batch (or batch_size), or set memory_limit_gb to override the limit.")
   return info

@@ -237,7 +237,7 @@ def movielens(cfg: Config, *, offset: Optional[str] = None) -> Task:
   from divjax import data as data_lib
   if cfg.model not in ("auto", "mf"):
     raise ValueError(f"model: {cfg.task} needs model 'mf' or 'auto' (got {cfg.model!r})")
-  offset = offset if offset is not None else getattr(cfg, "mf_offset", "none")
+  offset = offset if offset is not None else cfg.mf_offset
   if offset not in MF_OFFSETS:
     raise ValueError(f"mf_offset: {offset!r} is not one of {', '.join(MF_OFFSETS)}")
   ds = data_lib.load(cfg.task, cfg.data.dir)

@@ -85,6 +85,79 @@ def test_movielens_task_and_rmse(tmp_path):
   assert np.isfinite(summary["final"]["loss_mean"])
 
 
+def test_global_mean_baseline_is_the_rmse_of_the_training_mean():
+  rating = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 3.0])
+  item = np.array([0, 1, 0, 2, 1, 3])
+  train, test = [np.array([0, 1]), np.array([2])], [np.array([3, 5]), np.array([4])]
+  b = tasks.global_mean_baseline(rating, train, test, item)
+  # mean of the training ratings 1, 2, 3 is 2; node 0 errs by 2 and 1, node 1 by 3
+  assert b["mean"] == 2.0
+  np.testing.assert_allclose(b["loss"], (np.sqrt((4 + 1) / 2) + 3) / 2)
+  np.testing.assert_allclose(b["pooled"], np.sqrt((4 + 1 + 9) / 3))
+  assert b["cold"] == 2 / 3  # items 2 and 3 have no training rating, item 1 has
+
+
+def test_movielens_offset_starts_at_the_global_mean_baseline(tmp_path):
+  write_movielens(tmp_path)
+  cfg = tiny_config("task=movielens-latest-small", f"data.dir={tmp_path}", "n_nodes=4",
+                    "recipients=2", "duration_s=0.08", "eval_every_s=0.04")
+  plain, shifted = tasks.movielens(cfg), tasks.movielens(cfg, offset="global_mean")
+  assert plain.baseline["offset"] == "none" and shifted.baseline["offset"] == "global_mean"
+  assert plain.n_params == shifted.n_params  # the offset is a constant, not a parameter
+  params = jax.vmap(plain.init_flat)(jax.random.split(jax.random.key(0), 4))
+  # at init <u, v> is about 0, so the shifted model is the global-mean predictor
+  np.testing.assert_allclose(np.mean(shifted.evaluate(params)["loss"]), shifted.baseline["loss"], atol=0.02)
+  assert np.mean(plain.evaluate(params)["loss"]) > 1.5 * plain.baseline["loss"]
+  summary, _ = simulate.run(cfg, sim=simulate.build(cfg, shifted))
+  assert summary["baseline"]["loss"] == shifted.baseline["loss"]
+  with pytest.raises(ValueError, match="mf_offset"):
+    tasks.movielens(cfg, offset="user_mean")
+
+
+def mlp_task(n_test, *, eval_batch, eval_nodes, shape=(8, 8, 3), hidden=16):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(n_test,) + shape).astype(np.float32)
+  y = (np.arange(n_test) % 10).astype(np.int32)
+  model = models.make_model("mlp", input_shape=shape, hidden=(hidden,), n_classes=10)
+  task = tasks.classification_task("t", model, x[:10], y[:10], [np.arange(10)], x, y, n_classes=10,
+                                   eval_batch=eval_batch, eval_nodes=eval_nodes)
+  return task, model, x, y
+
+
+def test_grouped_evaluation_matches_one_model_at_a_time():
+  # 5 models in groups of 2 (the last group overlaps the one before), 30 images in chunks of 7
+  task, model, x, y = mlp_task(30, eval_batch=7, eval_nodes=2)
+  params = jax.vmap(task.init_flat)(jax.random.split(jax.random.key(3), 5))
+  ev = task.evaluate(params)
+  _, unravel = ravel_pytree(model.init(jax.random.key(0)))
+  for i in range(5):
+    logits = np.asarray(model.apply(unravel(params[i]), x), np.float64)
+    logp = logits - np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    np.testing.assert_allclose(float(ev["acc"][i]), np.mean(logits.argmax(-1) == y), atol=1e-6)
+    np.testing.assert_allclose(float(ev["loss"][i]), -np.mean(logp[np.arange(30), y]), rtol=1e-5)
+
+
+def test_evaluation_memory_does_not_grow_with_nodes_times_test_set():
+  """XLA's temporaries of one evaluation stay flat from 16 to 1,024 nodes and 500 to 4,000
+  test images, while the naive (N, T, 10) logits would grow 500-fold
+  (benchmarks/eval_memory.py: the same at 1,000 nodes x 10,000 CIFAR-10-shaped images)."""
+  def temp(n, t, eval_nodes=16):
+    task, *_ = mlp_task(t, eval_batch=50, eval_nodes=eval_nodes)
+    mem = task.evaluate.lower(jax.ShapeDtypeStruct((n, task.n_params), np.float32)).compile().memory_analysis()
+    if mem is None:
+      pytest.skip("this backend has no compiled memory analysis")
+    return mem.temp_size_in_bytes
+
+  small = temp(16, 500)
+  naive_growth = (1024 * 4000 - 16 * 500) * 10 * 4
+  for n, t in ((1024, 500), (16, 4000), (1024, 4000)):
+    assert temp(n, t) - small < 0.01 * naive_growth, (n, t)
+    assert temp(n, t) < 1.5 * small
+  # the measurement sees scaling where there is some: all 1,024 models side by side
+  assert temp(1024, 500, eval_nodes=1024) > 20 * small
+
+
 def test_missing_data_says_how_to_get_it(tmp_path):
   cfg = tiny_config("task=cifar10", f"data.dir={tmp_path}", "n_nodes=4", "recipients=2")
   with pytest.raises(DataError, match="cifar10.npz") as info:
