@@ -35,6 +35,11 @@ A copy replaced in the receiver's buffer before it is consumed still expires if 
 slot is reused first. Replies (AD-PSGD pongs) are the one thing decided later: at the end of
 each block, for the pings that reached their receiver in it, since they enter the replier's
 queue at the ping's arrival instant.
+Two algorithm properties change what a round end does with what is due (algorithms/base.py):
+`neighbours` (original SWIFT) keeps a stored copy per fixed neighbour, replaced by what is
+due and averaged with weights 1/(K+1); `pairwise` (original AD-PSGD) averages nothing at
+round ends but applies, one after the other, the atomic pairwise averages of the exchanges
+whose reply is due, changing the replier's model as well.
 Message records live in fixed-size edge arrays (N, D, M): slot r % D of a node holds its
 round-r messages (and the replies to them). Payloads are never copied: at aggregation the receiver gathers
 ring[r % D, src, frag] and sums with jax.ops.segment_sum. Every record ends as delivered,
