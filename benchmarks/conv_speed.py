@@ -1,7 +1,7 @@
 """Training-step throughput of GN-LeNet for N nodes at once: the stacked-apply variants.
 
     python3 benchmarks/conv_speed.py [--nodes 16 64] [--batch 8] [--steps 4] [--repeats 3]
-                                     [--variants fast vmap loop] [--unroll 8]
+                                     [--variants fast vmap loop] [--unroll 16]
 
 One step = the engine's local step: per-node gradients by
 `jax.grad(lambda P: sum(loss_per_node(apply_stacked(P, X), Y)))`, then an SGD update, jitted.
@@ -83,7 +83,7 @@ def main():
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--variants", nargs="+", default=["fast", "vmap", "loop"], choices=["fast", "vmap", "loop"])
   ap.add_argument("--settings", nargs="+", default=["scan", "call"], choices=["scan", "call"])
-  ap.add_argument("--unroll", type=int, default=8, help="make_model('gn_lenet', unroll=...)")
+  ap.add_argument("--unroll", type=int, default=16, help="make_model('gn_lenet', unroll=...)")
   args = ap.parse_args()
 
   model = models.make_model("gn_lenet", unroll=args.unroll)

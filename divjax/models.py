@@ -17,10 +17,17 @@ runs its steps) the kernel-gradient convolution of autodiff falls back to a naiv
   kernel gradient a convolution whose batch is the input channels and whose features are
   the images;
 * fuses conv bias + GroupNorm + 2x2 max-pool + ReLU into one op with a hand-written VJP
-  (two passes over the activations in the backward pass instead of about ten);
+  (two passes over the activations in the backward pass instead of about ten); the
+  statistics of y = conv + bias come from sums over the conv output and the pool picks on
+  it (the bias is per channel), so y itself is never written out;
 * unrolls `unroll` nodes' networks side by side inside a `lax.map` over groups of nodes:
   XLA:CPU runs independent per-node chains on both cores, while a `lax.map` over single
-  nodes keeps one core busy. Larger `unroll` compiles longer (about 0.7 s per unrolled node).
+  nodes keeps one core busy. Larger `unroll` compiles longer (about 0.8 s per unrolled node);
+  the default 16 runs N = 16 without any loop over groups and N = 64 as 4 groups (8 was
+  about 10% slower at N = 64: each group boundary stores residuals and idles a core);
+* splits the stacked parameters into per-node rows with a custom VJP that stacks the rows'
+  gradients in a separate op: autodiff's own version fuses that stack into the SGD update
+  as a loop choosing among all N rows per element, which cost as much as a conv layer.
 
 benchmarks/conv_speed.py measures the variants. Only reverse-mode differentiation is
 supported through the fast GN-LeNet (custom VJPs); `apply` is plain flax for everything.
@@ -50,11 +57,12 @@ class Model(NamedTuple):
 
 def make_model(name: str, *, input_shape=None, hidden=(64,), n_classes: int = 10,
                n_users: int | None = None, n_items: int | None = None, dim: int = 20,
-               unroll: int = 8) -> Model:
+               unroll: int = 16) -> Model:
   """Builds a model by name (one of NAMES).
 
   gn_lenet: input_shape (H, W, C), default CIFAR-10's (32, 32, 3); n_classes; unroll = nodes
-    run side by side in apply_stacked (speed/compile-time trade-off, results identical).
+    run side by side in apply_stacked (speed/compile-time trade-off, results identical;
+    compile time grows about 0.8 s per unrolled node).
   mlp, logreg: input_shape (required; inputs are flattened), hidden sizes (mlp), n_classes.
   mf: n_users, n_items (required), dim; inputs are int (B, 2) (user, item) pairs.
   """
@@ -206,15 +214,19 @@ def _pool_view(t):
 
 
 def _pool_pick(yv, a):
-  """Per window, the y where a*y + c is largest: max y if a > 0, else min y. Choosing on y
-  (exact max/min) keeps the backward pass's argmax test bit-identical to the forward's."""
+  """Per window, the y where a*y + c is largest: max y if a > 0, else min y (both window
+  reductions read the conv output in place; a sign flip to need only one would cost a pass)."""
   return jnp.where((a > 0)[:, None, None, :], yv.max(axis=(2, 4)), yv.min(axis=(2, 4)))
 
 
-def _gn_stats(y):
-  b, h, w, c = y.shape
-  s1 = y.sum(axis=(1, 2))                                                     # (B, C)
-  s2 = jnp.square(y).sum(axis=(1, 2))
+def _gn_stats(yc, bias_c):
+  """GroupNorm statistics of y = yc + bias_c from sums over yc: y itself is never formed
+  (XLA:CPU would write it out, a full pass over the largest activations)."""
+  b, h, w, c = yc.shape
+  t1 = yc.sum(axis=(1, 2))                                                    # (B, C)
+  t2 = jnp.square(yc).sum(axis=(1, 2))
+  s1 = t1 + h * w * bias_c                                                    # sum y
+  s2 = t2 + 2 * bias_c * t1 + h * w * jnp.square(bias_c)                      # sum y^2
   cnt = h * w * (c // GN_GROUPS)
   mean = s1.reshape(b, GN_GROUPS, -1).sum(-1) / cnt                          # (B, G)
   var = jnp.maximum(s2.reshape(b, GN_GROUPS, -1).sum(-1) / cnt - mean * mean, 0.0)
@@ -230,31 +242,31 @@ def _gn_pool_relu(yc, bias_c, scale, bias):
   """relu(maxpool2x2(GroupNorm(yc + bias_c))) for one node's (B, H, W, C) conv output.
 
   GroupNorm as flax computes it (variance = E[y^2] - E[y]^2). Max-pool and ReLU commute, and
-  GroupNorm is a per-channel affine map a*y + c after the statistics, so the pool picks on y.
+  GroupNorm is a per-channel affine map a*y + c after the statistics, so the pool picks on y,
+  and adding the per-channel bias_c does not change which element it picks: it picks on yc.
   """
   return _gn_pool_relu_fwd(yc, bias_c, scale, bias)[0]
 
 
 def _gn_pool_relu_fwd(yc, bias_c, scale, bias):
-  y = yc + bias_c
-  c_dim = y.shape[-1]
-  s1, mean, inv = _gn_stats(y)
+  c_dim = yc.shape[-1]
+  s1, mean, inv = _gn_stats(yc, bias_c)
   a = _per_channel(inv, c_dim) * scale                                        # (B, C)
-  c = bias - _per_channel(mean, c_dim) * a
-  zp = a[:, None, None, :] * _pool_pick(_pool_view(y), a) + c[:, None, None, :]
-  return jnp.maximum(zp, 0.0), (yc, bias_c, scale, s1, mean, inv, a, zp)
+  c = bias + (bias_c - _per_channel(mean, c_dim)) * a                         # a*yc + c = GN(y)
+  pick = _pool_pick(_pool_view(yc), a)                                        # picked yc, pooled
+  zp = a[:, None, None, :] * pick + c[:, None, None, :]
+  return jnp.maximum(zp, 0.0), (yc, bias_c, scale, s1, mean, inv, a, pick, zp)
 
 
 def _gn_pool_relu_bwd(res, dout):
-  yc, bias_c, scale, s1, mean, inv, a, zp = res
+  yc, bias_c, scale, s1, mean, inv, a, pick, zp = res
   b, h, w, c_dim = yc.shape
-  y = yc + bias_c
-  yv = _pool_view(y)
+  yv = _pool_view(yc)
   win = lambda t: t[:, :, None, :, None, :]                                   # broadcast over the 2x2
-  hit = (yv == win(_pool_pick(yv, a))) & win(zp > 0)
+  hit = (yv == win(pick)) & win(zp > 0)
   dz = jnp.where(hit, win(dout), 0.0)                                         # grad of GN output
   s_dz = dz.sum(axis=(1, 2, 3, 4))                                            # (B, C)
-  s_dzy = (dz * yv).sum(axis=(1, 2, 3, 4))
+  s_dzy = (dz * yv).sum(axis=(1, 2, 3, 4)) + bias_c * s_dz                   # sum dz * y
   mean_c, inv_c = _per_channel(mean, c_dim), _per_channel(inv, c_dim)
   s_dzx = inv_c * (s_dzy - mean_c * s_dz)                                     # sum dz * xhat
   cnt = h * w * (c_dim // GN_GROUPS)
@@ -266,7 +278,8 @@ def _gn_pool_relu_bwd(res, dout):
   dz = dz.reshape(b, h // 2 * 2, w // 2 * 2, c_dim)
   if dz.shape[1:3] != (h, w):
     dz = jnp.pad(dz, ((0, 0), (0, h - dz.shape[1]), (0, w - dz.shape[2]), (0, 0)))
-  dy = a[:, None, None, :] * dz + k1[:, None, None, :] + k2[:, None, None, :] * y
+  k1y = k1 + k2 * bias_c                                                      # k1 + k2*y = k1y + k2*yc
+  dy = a[:, None, None, :] * dz + k1y[:, None, None, :] + k2[:, None, None, :] * yc
   d_bias_c = (a * s_dz + h * w * k1 + k2 * s1).sum(0)                         # sum of dy, no extra pass
   return dy, d_bias_c, s_dzx.sum(0), s_dz.sum(0)
 
@@ -282,11 +295,24 @@ def _gn_lenet_one(p, x):
   return x.reshape(x.shape[0], -1) @ p["fc"]["kernel"] + p["fc"]["bias"]
 
 
+@jax.custom_vjp
+def _unstack(a):
+  """The rows of a, with a gradient that stacks the rows' gradients in a separate op.
+  (Autodiff's stack of slice gradients fuses with what consumes it, e.g. the SGD update,
+  into one loop that picks among all rows per element: about as slow as a conv layer.)"""
+  return tuple(a[i] for i in range(a.shape[0]))
+
+
+_unstack.defvjp(lambda a: (_unstack(a), None),
+                lambda _, rows: (lax.optimization_barrier(jnp.stack(rows)),))
+
+
 def _gn_lenet_stacked(unroll: int):
   def side_by_side(args):
     p, x = args
-    return jnp.stack([_gn_lenet_one(jax.tree.map(lambda a: a[i], p), x[i])
-                      for i in range(x.shape[0])])
+    rows = jax.tree.map(_unstack, p)                                          # leaves: tuples of rows
+    node = lambda i: jax.tree.map(lambda r: r[i], rows, is_leaf=lambda t: isinstance(t, tuple))
+    return jnp.stack([_gn_lenet_one(node(i), x[i]) for i in range(x.shape[0])])
 
   def apply_stacked(params, x):
     n = x.shape[0]

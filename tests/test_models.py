@@ -92,17 +92,28 @@ def test_mf_predicts_dot_products():
   np.testing.assert_allclose(model.apply(p, x), expect, rtol=1e-6)
 
 
-@pytest.mark.parametrize("n_nodes, unroll, shape", [
-    (3, 8, (8, 8, 3)),     # all nodes side by side
-    (3, 2, (12, 12, 1)),   # a group of 2 in the lax.map plus a remainder of 1; odd map sizes
-])                         # (12 -> 6 -> 3 -> 1: pooling drops a row and a column)
-def test_gn_lenet_stacked_matches_vmap(n_nodes, unroll, shape):
+@pytest.mark.parametrize("n_nodes, unroll, shape, conv_bias", [
+    (3, 8, (8, 8, 3), 0.0),     # all nodes side by side
+    (3, 2, (12, 12, 1), 0.0),   # a group of 2 in the lax.map plus a remainder of 1; odd map sizes
+                                # (12 -> 6 -> 3 -> 1: pooling drops a row and a column)
+    (2, 16, (8, 8, 3), 2.0),    # conv biases large next to the conv outputs' spread: GroupNorm's
+])                              # statistics of conv + bias come from sums over the conv alone
+def test_gn_lenet_stacked_matches_vmap(n_nodes, unroll, shape, conv_bias):
   model = models.make_model("gn_lenet", input_shape=shape, unroll=unroll)
   params = stacked_params(model, n_nodes)
+  params = {k: ({**v, "bias": v["bias"] + conv_bias} if k.startswith("conv") else v) for k, v in params.items()}
   # random GroupNorm scales include negative ones (the pool then picks the minimum)
   x = jax.random.normal(jax.random.key(1), (n_nodes, 3) + shape)
   y = jax.random.randint(jax.random.key(2), (n_nodes, 3), 0, 10)
   assert_stacked_matches_vmap(model, params, x, y)
+
+
+def test_unstack_rows_and_their_gradient():
+  a = jnp.arange(12.0).reshape(3, 4)
+  rows = models._unstack(a)
+  assert len(rows) == 3 and all(np.array_equal(r, a[i]) for i, r in enumerate(rows))
+  g = jax.jit(jax.grad(lambda a: sum((i + 1.0) * jnp.sum(r * r) for i, r in enumerate(models._unstack(a)))))(a)
+  np.testing.assert_allclose(g, 2 * a * jnp.array([1.0, 2.0, 3.0])[:, None])
 
 
 @pytest.mark.parametrize("name, kwargs, x_fn, y_fn", [
