@@ -263,7 +263,13 @@ def _gn_pool_relu_bwd(res, dout):
   b, h, w, c_dim = yc.shape
   yv = _pool_view(yc)
   win = lambda t: t[:, :, None, :, None, :]                                   # broadcast over the 2x2
-  hit = (yv == win(pick)) & win(zp > 0)
+  eq = yv == win(pick)
+  # on ties the gradient goes to the first maximum in row-major window order, as flax's
+  # (XLA's select-and-scatter) and PyTorch's max-pool do: flat image regions tie exactly
+  first_row = eq[:, :, :1].any(axis=4, keepdims=True)                         # a match in row 0
+  left = jnp.concatenate([jnp.zeros_like(eq[..., :1, :]), eq[..., :1, :]], axis=4)  # match to the left
+  earlier = left | (first_row & (jnp.arange(2) == 1)[None, None, :, None, None, None])
+  hit = eq & ~earlier & win(zp > 0)
   dz = jnp.where(hit, win(dout), 0.0)                                         # grad of GN output
   s_dz = dz.sum(axis=(1, 2, 3, 4))                                            # (B, C)
   s_dzy = (dz * yv).sum(axis=(1, 2, 3, 4)) + bias_c * s_dz                   # sum dz * y

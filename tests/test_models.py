@@ -108,6 +108,16 @@ def test_gn_lenet_stacked_matches_vmap(n_nodes, unroll, shape, conv_bias):
   assert_stacked_matches_vmap(model, params, x, y)
 
 
+def test_gn_lenet_stacked_matches_vmap_on_ties():
+  """Flat image regions give exactly equal values in a pooling window: the gradient must go
+  to the first maximum only, as flax's max-pool sends it."""
+  model = models.make_model("gn_lenet", input_shape=(8, 8, 3))
+  params = stacked_params(model, 2)
+  x = jnp.zeros((2, 3, 8, 8, 3)).at[:, :, 2:5, 3:6].set(jax.random.normal(jax.random.key(1), (2, 3, 3, 3, 3)))
+  y = jax.random.randint(jax.random.key(2), (2, 3), 0, 10)
+  assert_stacked_matches_vmap(model, params, x, y)
+
+
 def test_unstack_rows_and_their_gradient():
   a = jnp.arange(12.0).reshape(3, 4)
   rows = models._unstack(a)
