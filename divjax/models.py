@@ -36,7 +36,7 @@ supported through the fast GN-LeNet (custom VJPs); `apply` is plain flax for eve
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -53,6 +53,16 @@ class Model(NamedTuple):
   apply: Callable          # (params, x (B, ...)) -> outputs (B, ...)
   apply_stacked: Callable  # (params with leading axis N, x (N, B, ...)) -> (N, B, ...)
   kind: str                # "classification" (logits (B, C)) or "regression" (predictions (B,))
+  # (params with leading axis N, x (B, ...) shared by all nodes) -> (N, B, ...): evaluation on
+  # a common test set; None means jax.vmap(apply, in_axes=(0, None)) (see `apply_shared`)
+  shared: Optional[Callable] = None
+
+
+def apply_shared(model: Model, params, x):
+  """Every node's model on the same inputs x (B, ...) -> (N, B, ...)."""
+  if model.shared is not None:
+    return model.shared(params, x)
+  return jax.vmap(model.apply, in_axes=(0, None))(params, x)
 
 
 def make_model(name: str, *, input_shape=None, hidden=(64,), n_classes: int = 10,
@@ -74,7 +84,11 @@ def make_model(name: str, *, input_shape=None, hidden=(64,), n_classes: int = 10
       raise ValueError(f"unroll={unroll}: must be >= 1")
     module = GNLeNet(n_classes)
     init, apply = _init_apply(module, shape, jnp.float32)
-    return Model(init, apply, _gn_lenet_stacked(unroll), "classification")
+    stacked = _gn_lenet_stacked(unroll)
+    # evaluation through the fast per-node convolutions too (vmap(apply) would be a grouped
+    # convolution, several times slower on CPU); the broadcast copy is N x B images
+    shared = lambda p, x: stacked(p, jnp.broadcast_to(x, (jax.tree.leaves(p)[0].shape[0],) + x.shape))
+    return Model(init, apply, stacked, "classification", shared)
   if name in ("mlp", "logreg"):
     if input_shape is None:
       raise ValueError(f"input_shape: required for {name} (the shape of one sample)")

@@ -80,7 +80,7 @@ def classification_task(name: str, model: models.Model, x_train, y_train, parts,
     """(correct, nll) summed over the test set, for a group of g stacked models."""
     def chunk(args):
       xb, yb, vb = args
-      logits = jax.vmap(model.apply, in_axes=(0, None))(tree, xb)                        # (g, b, C)
+      logits = models.apply_shared(model, tree, xb)                                       # (g, b, C)
       logp = jax.nn.log_softmax(logits)
       nll = -jnp.take_along_axis(logp, yb[None, :, None], axis=-1)[..., 0]
       correct = (jnp.argmax(logits, -1) == yb[None, :])

@@ -170,3 +170,12 @@ def test_bad_names_and_arguments():
     models.make_model("mf", n_users=3)
   with pytest.raises(ValueError, match="unroll=0"):
     models.make_model("gn_lenet", unroll=0)
+
+
+def test_apply_shared_matches_vmap_over_params():
+  """Evaluation's path: every node's model on one shared batch."""
+  model = models.make_model("gn_lenet", input_shape=(8, 8, 3))
+  params = stacked_params(model, 3)
+  x = jax.random.normal(jax.random.key(3), (5, 8, 8, 3))
+  ref = jax.vmap(model.apply, in_axes=(0, None))(params, x)
+  np.testing.assert_allclose(models.apply_shared(model, params, x), ref, rtol=1e-4, atol=1e-5)
