@@ -160,7 +160,8 @@ def cmd_run(args) -> int:
     return EXIT_BAD_INPUT
 
   import jax  # heavy imports only once the input is known good
-  from divjax import checkpoint, memory, plots, simulate
+  from divjax import checkpoint, memory, plots, sharding, simulate
+  sharding.request_cpu_devices(cfg.devices)  # before anything starts the backend
   try:
     sim = simulate.build(cfg)
     mem = memory.check(sim)  # before compiling or writing anything

@@ -120,6 +120,9 @@ class Config(_Strict):
   # Memory the run may use, in GB (1e9 bytes); None: what the device reports available.
   # The estimate (divjax.memory) is checked before compiling.
   memory_limit_gb: Optional[float] = Field(None, gt=0.0)
+  # Devices the node axis is sharded over (divjax.sharding); n_nodes must be a multiple. On a
+  # CPU, `divjax run` creates that many host devices (one thread each).
+  devices: int = Field(1, ge=1)
   network: NetworkConfig = NetworkConfig()
   server: ServerConfig = ServerConfig()
   data: DataConfig = DataConfig()
@@ -141,6 +144,8 @@ class Config(_Strict):
     nodes = self.network.stragglers.nodes
     if nodes is not None and any(not 0 <= i < self.n_nodes for i in nodes):
       raise ValueError(f"network.stragglers.nodes: ids must be in 0..{self.n_nodes - 1} (got {nodes})")
+    if self.n_nodes % self.devices:
+      raise ValueError(f"devices: n_nodes = {self.n_nodes} must be a multiple of devices (got {self.devices})")
     if self.server.cohort is not None and self.server.cohort > self.n_nodes:
       raise ValueError(f"server.cohort: must be <= n_nodes = {self.n_nodes} (got {self.server.cohort})")
     if self.data.classes_per_node > self.data.n_classes:

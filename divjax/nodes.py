@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from divjax import sampling
+from divjax import sampling, sharding
 from divjax.config import Config
 
 
@@ -25,7 +25,7 @@ class LocalSGD(NamedTuple):
 
 def make(cfg: Config, task) -> LocalSGD:
   n, b = cfg.n_nodes, cfg.batch_size
-  nodes = jnp.arange(n, dtype=jnp.int32)
+  node_ids = jnp.arange(n, dtype=jnp.int32)
   momentum = cfg.momentum if cfg.momentum > 0 else None
 
   def make_opt(lr):  # lr may be traced: sweeping it does not recompile
@@ -34,11 +34,12 @@ def make(cfg: Config, task) -> LocalSGD:
   def init_opt(params):
     return jax.vmap(make_opt(0.0).init)(params)
 
-  def step(params, opt_state, steps, run_key, lr, active):
-    """One local step of every node where `active` (N,) is True; others are left as they are.
+  def step_block(params, opt_state, steps, nodes, run_key, lr, active):
+    """One local step of every node where `active` is True; others are left as they are.
 
-    Node i's minibatch is drawn from key (run, i, steps[i]), so it does not depend on when
-    (in which tick or round) the step is taken.
+    Works on any block of nodes (`nodes`: their global ids). Node i's minibatch is drawn from
+    key (run, i, steps[i]), so it depends neither on when (in which tick or round) the step
+    is taken nor on which device trains node i.
     """
     k_batch = sampling.stream(run_key, sampling.STREAM_BATCH)
     idx = jax.vmap(sampling.batch_indices, in_axes=(None, 0, 0, None, None, None))(
@@ -51,8 +52,16 @@ def make(cfg: Config, task) -> LocalSGD:
 
     grads, losses = jax.grad(total_loss, has_aux=True)(params)
     updates, new_opt = jax.vmap(make_opt(lr).update)(grads, opt_state, params)
-    keep = lambda new, old: jnp.where(active.reshape((n,) + (1,) * (new.ndim - 1)), new, old)
+    keep = lambda new, old: jnp.where(active.reshape(active.shape + (1,) * (new.ndim - 1)), new, old)
     return (keep(params + updates, params), jax.tree.map(keep, new_opt, opt_state),
             steps + active.astype(steps.dtype), losses)
+
+  # with `devices: K`, each device trains its own N/K nodes (no communication in a local step)
+  mesh = sharding.node_mesh(cfg.devices, n)
+  block = sharding.over_nodes(step_block, mesh, (True, True, True, True, False, False, True))
+
+  def step(params, opt_state, steps, run_key, lr, active):
+    """One local step of every node where `active` (N,) is True (see step_block)."""
+    return block(params, opt_state, steps, node_ids, run_key, lr, active)
 
   return LocalSGD(init_opt=init_opt, step=step)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from divjax import algorithms, engine as engine_lib, tasks
+from divjax import algorithms, engine as engine_lib, sharding, tasks
 from divjax.config import Config
 
 
@@ -31,6 +31,8 @@ class Simulation(NamedTuple):
   engine: engine_lib.Engine
   run_key: jax.Array
   hyper: engine_lib.Hyper
+  mesh: Optional[jax.sharding.Mesh]  # the node axis over `devices` devices; None for one
+  evaluate_nodes: Callable            # params (N, P) -> per-node metrics, sharded like them
 
 
 def build(cfg: Config, task: Optional[tasks.Task] = None, *, communicate: bool = True) -> Simulation:
@@ -38,8 +40,9 @@ def build(cfg: Config, task: Optional[tasks.Task] = None, *, communicate: bool =
   eng = engine_lib.make(cfg, task, algorithms.make(cfg), communicate=communicate)
   run_key = jax.random.key(cfg.seed)
   hyper = engine_lib.Hyper(lr=jnp.float32(cfg.lr))
-
-  return Simulation(cfg, task, eng, run_key, hyper)
+  mesh = sharding.node_mesh(cfg.devices, cfg.n_nodes)
+  evaluate_nodes = jax.jit(sharding.over_nodes(task.evaluate, mesh, (True,)))
+  return Simulation(cfg, task, eng, run_key, hyper, mesh, evaluate_nodes)
 
 
 def consensus_distance(params) -> jax.Array:
@@ -52,8 +55,11 @@ _consensus = jax.jit(consensus_distance)
 
 def evaluate(sim: Simulation, state: engine_lib.EngineState) -> dict:
   """Test metrics of every node and of the network-average model, plus message counts."""
-  ev = jax.device_get(sim.task.evaluate(state.params))
-  avg = jax.device_get(sim.task.evaluate(state.params.mean(0, keepdims=True)))
+  ev = jax.device_get(sim.evaluate_nodes(state.params))
+  # reductions over nodes on one whole copy: the same summation order, so the same numbers,
+  # as an unsharded run
+  whole = sharding.gather(state.params, sim.mesh)
+  avg = jax.device_get(sim.task.evaluate(whole.mean(0, keepdims=True)))
   tick = int(state.tick)
   rec = {
       "tick": tick,
@@ -64,7 +70,7 @@ def evaluate(sim: Simulation, state: engine_lib.EngineState) -> dict:
       "acc_max": float(np.max(ev["acc"])),
       "loss_mean": float(np.mean(ev["loss"])),
       "acc_avg_model": float(avg["acc"][0]),
-      "consensus": float(_consensus(state.params)),
+      "consensus": float(_consensus(whole)),
   }
   rec.update(engine_lib.message_counts(state))
   count = int(state.age_count)
@@ -97,7 +103,7 @@ def _divergence(sim: Simulation, state, train_loss: np.ndarray) -> Optional[dict
     return None
   nodes = bad_params
   if not nodes.size:  # the chunk's loss is a mean over nodes: find them by their test loss
-    nodes = np.flatnonzero(~np.isfinite(jax.device_get(sim.task.evaluate(state.params)["loss"])))
+    nodes = np.flatnonzero(~np.isfinite(jax.device_get(sim.evaluate_nodes(state.params)["loss"])))
   tick = int(state.tick)
   return {"tick": tick, "time_s": tick * sim.cfg.dt_us / 1e6, "nodes": nodes.tolist(),
           "metrics": [m for m, bad in (("params", bad_params.size), ("train_loss", bad_loss)) if bad]}
@@ -142,10 +148,11 @@ def run(cfg: Config, *, on_eval: Optional[Callable[[dict], None]] = None,
       on_eval(rec)
 
   if resume is None:
-    state = sim.engine.init(sim.run_key)
+    state = sharding.place(sim.engine.init(sim.run_key), sim.mesh, cfg.n_nodes)
     emit(evaluate(sim, state) | {"train_loss": None})
   else:
     state, done = resume
+    state = sharding.place(state, sim.mesh, cfg.n_nodes)
     records = list(done)
     t = int(state.tick)
     # chunks start on multiples of H; a finished run (t == total) has nothing left to simulate
@@ -221,7 +228,8 @@ def compile_chunk(sim: Simulation, state, length: int):
   A chunk must start on a multiple of H ticks (every chunk but the last is whole rounds).
   """
   def chunk(s, k, hyp):
-    return sim.engine.advance(s, k, hyp, length)
+    s, metrics = sim.engine.advance(s, k, hyp, length)
+    return sharding.constrain(s, sim.mesh, sim.cfg.n_nodes), metrics
   return jax.jit(chunk, donate_argnums=0).lower(state, sim.run_key, sim.hyper).compile()
 
 

@@ -2,7 +2,11 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# 4 CPU devices for the sharded-run tests (DESIGN.md 7); everything else uses the first one
+jax.config.update("jax_num_cpu_devices", 4)
 
 from divjax import config  # noqa: E402
 

@@ -1,0 +1,110 @@
+"""The node axis over several devices (DESIGN.md section 7).
+
+With `devices: K` in the config, the N nodes are split into K equal blocks, one per device of
+a one-axis `jax.sharding.Mesh` named "nodes":
+
+* every state array whose leading axis is the node axis is sharded along it, the rest is
+  replicated (`place`, `constrain`);
+* the local training step, where all the compute is, runs under `jax.shard_map`: each device
+  trains its own N/K nodes with no communication at all (`over_nodes`);
+* everything else (routing, queues, mixing) is left to XLA's partitioner.
+
+Sharding is a layout, never a change of semantics: per-node randomness is keyed by node id
+and step, so a sharded run gives the same numbers as the unsharded one (tested).
+
+On a CPU, K host devices are a way to use the cores: XLA:CPU runs the devices' programs side
+by side, one thread each, which keeps the cores busier than one program of many small
+convolutions does (BENCHMARKS.md). `request_cpu_devices` asks for them; it must run before
+JAX initialises its backend (the CLI calls it before anything touches a device).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXIS = "nodes"
+
+
+def request_cpu_devices(k: int) -> None:
+  """Asks XLA:CPU for k host devices, each running its program on one thread.
+
+  Only effective before the backend starts (it is a no-op afterwards, and harmless on an
+  accelerator, where the CPU devices are not used). Eigen's intra-op threads are turned off
+  because the k devices already occupy the cores: measured, it is faster (BENCHMARKS.md).
+  """
+  if k <= 1:
+    return
+  jax.config.update("jax_num_cpu_devices", k)
+  flag = "--xla_cpu_multi_thread_eigen=false"
+  flags = os.environ.get("XLA_FLAGS", "")
+  if flag not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} {flag}".strip()
+
+
+def node_mesh(devices: int, n_nodes: int) -> Optional[Mesh]:
+  """The one-axis mesh of the first `devices` devices, or None for one device."""
+  if devices <= 1:
+    return None
+  have = jax.devices()
+  if len(have) < devices:
+    raise ValueError(
+        f"devices: {devices} requested but only {len(have)} {have[0].platform} device(s) exist "
+        f"(on a CPU, `divjax run` creates host devices itself; elsewhere set "
+        f"jax.config.update('jax_num_cpu_devices', {devices}) before JAX starts)")
+  if n_nodes % devices:
+    raise ValueError(f"devices: n_nodes = {n_nodes} must be a multiple of devices = {devices}")
+  return Mesh(have[:devices], (AXIS,))
+
+
+def _spec(leaf, n: int) -> P:
+  shape = tuple(getattr(leaf, "shape", ()))
+  # empty arrays (an algorithm's unused tables) stay replicated: JAX normalises them so
+  split = len(shape) >= 1 and shape[0] == n and 0 not in shape
+  return P(AXIS) if split else P()
+
+
+def shardings(tree, mesh: Mesh, n: int):
+  """NamedShardings for a state pytree: leading axis n sharded, everything else replicated."""
+  return jax.tree.map(lambda a: NamedSharding(mesh, _spec(a, n)), tree)
+
+
+def place(tree, mesh: Optional[Mesh], n: int):
+  """Puts a (host or device) state pytree on the mesh; unchanged without a mesh."""
+  if mesh is None:
+    return tree
+  return jax.device_put(tree, shardings(tree, mesh, n))
+
+
+def gather(tree, mesh: Optional[Mesh]):
+  """A whole (replicated) copy on every device of the mesh; unchanged without a mesh."""
+  if mesh is None:
+    return tree
+  return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def constrain(tree, mesh: Optional[Mesh], n: int):
+  """Inside jit: pins a state pytree to the same layout as `place`, so that a compiled chunk
+  returns its state in the layout it takes (and can be called again on its own output)."""
+  if mesh is None:
+    return tree
+  return jax.lax.with_sharding_constraint(tree, shardings(tree, mesh, n))
+
+
+def over_nodes(fn: Callable, mesh: Optional[Mesh], node_args: tuple[bool, ...]) -> Callable:
+  """fn, run on every device for its own block of nodes.
+
+  `node_args[i]` says whether argument i has the node axis leading on all its leaves (it is
+  split) or not (it is replicated). Every output must have the node axis leading. fn must
+  treat nodes independently: it sees N/K of them, and their global ids only if it is given
+  them as an argument.
+  """
+  if mesh is None:
+    return fn
+  in_specs = tuple(P(AXIS) if split else P() for split in node_args)
+  # check_vma=False: fn has no collectives, and its loops (e.g. a lax.map whose carry starts
+  # from a constant) would otherwise need explicit pvary annotations
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=P(AXIS), check_vma=False)

@@ -1,0 +1,66 @@
+"""The node axis sharded over several devices (DESIGN.md 7): a layout, not a change of result.
+
+conftest.py gives the test process 4 CPU devices.
+"""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from divjax import config, engine, sharding, simulate
+from conftest import tiny_config
+
+STRAGGLERS = ["network.stragglers.fraction=0.34", "network.stragglers.slowdown=3",
+              "network.stragglers.kind=both", "network.upload_mbps=0.3"]
+
+
+def run(cfg):
+  summary, state = simulate.run(cfg)
+  return summary, jax.device_get(state)
+
+
+@pytest.mark.parametrize("algorithm, devices, extra", [
+    ("divshare", 2, STRAGGLERS),
+    ("divshare", 3, []),
+    ("adpsgd", 2, STRAGGLERS),
+    ("swift_original", 2, ["topology=ring"]),
+    ("dpsgd", 2, ["topology=ring"] + STRAGGLERS),
+])
+def test_sharded_run_equals_unsharded(algorithm, devices, extra):
+  """Same messages, clocks and metrics; parameters equal up to float32 rounding (XLA may pick
+  another matmul kernel for N/K nodes than for N: the summation order of a dot can differ)."""
+  args = [f"algorithm={algorithm}", "fragments=1" if algorithm != "divshare" else "fragments=2"] + extra
+  one, s1 = run(tiny_config(*args))
+  many, sk = run(tiny_config(*args, f"devices={devices}"))
+  assert one["status"] == many["status"] == "completed"
+  if isinstance(s1, engine.EngineState):
+    assert engine.message_counts(s1) == engine.message_counts(sk)
+    np.testing.assert_array_equal(s1.msg_fate, sk.msg_fate)
+    np.testing.assert_array_equal(s1.backlog_us, sk.backlog_us)
+  np.testing.assert_array_equal(s1.steps, sk.steps)
+  np.testing.assert_array_equal(s1.rounds, sk.rounds)
+  np.testing.assert_allclose(s1.params, sk.params, rtol=1e-5, atol=1e-6)
+  for key in ("acc_mean", "acc_min", "loss_mean", "consensus", "train_loss", "msgs_delivered"):
+    np.testing.assert_allclose(one["final"][key], many["final"][key], rtol=1e-4)
+
+
+def test_state_is_split_along_nodes():
+  cfg = tiny_config("n_nodes=8", "devices=4")
+  sim = simulate.build(cfg)
+  state = sharding.place(sim.engine.init(sim.run_key), sim.mesh, cfg.n_nodes)
+  state, _ = simulate.compile_chunk(sim, state, 8)(state, sim.run_key, sim.hyper)
+  for leaf in (state.params, state.steps, state.msg_fate):
+    assert leaf.sharding.spec == P(sharding.AXIS)
+    assert {s.data.shape[0] for s in leaf.addressable_shards} == {2}  # 8 nodes over 4 devices
+  assert len(state.params.sharding.device_set) == 4
+  assert state.ring.sharding.spec == P()  # (D, N, F, W): not node-leading, replicated
+
+
+def test_bad_device_counts_are_refused():
+  with pytest.raises(config.ConfigError, match="devices"):
+    tiny_config("devices=4")  # 6 nodes
+  with pytest.raises(config.ConfigError, match="devices"):
+    tiny_config("devices=0")
+  with pytest.raises(ValueError, match="devices: 12 requested but only"):
+    simulate.build(tiny_config("n_nodes=12", "recipients=2", "devices=12"))
