@@ -1,7 +1,7 @@
 """Training-step throughput of GN-LeNet for N nodes at once: the stacked-apply variants.
 
     python3 benchmarks/conv_speed.py [--nodes 16 64] [--batch 8] [--steps 4] [--repeats 3]
-                                     [--variants fast vmap loop] [--unroll 16]
+                                     [--variants fast vmap loop] [--unroll 16] [--devices 1]
 
 One step = the engine's local step: per-node gradients by
 `jax.grad(lambda P: sum(loss_per_node(apply_stacked(P, X), Y)))`, then an SGD update, jitted.
@@ -25,7 +25,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from divjax import models
+from divjax import models, sharding
 
 
 def loss_per_node(logits, y):
@@ -52,12 +52,16 @@ def make_runner(apply_stacked, setting: str, steps: int, lr: float = 0.05):
   return jax.jit(many, donate_argnums=0), steps
 
 
-def measure(apply_stacked, model, n: int, batch: int, setting: str, steps: int, repeats: int):
+def measure(apply_stacked, model, n: int, batch: int, setting: str, steps: int, repeats: int,
+            devices: int = 1):
   """(samples/s, compile seconds) for one variant."""
   key = jax.random.key(0)
   params = jax.vmap(model.init)(jax.random.split(key, n))
   x = jax.random.normal(key, (n, batch, 32, 32, 3))
   y = jax.random.randint(key, (n, batch), 0, 10)
+  mesh = sharding.node_mesh(devices)
+  apply_stacked = sharding.over_nodes(apply_stacked, mesh, (True, True))
+  params, x, y = sharding.place((params, x, y), mesh, n)
   run, k = make_runner(apply_stacked, setting, steps)
   t0 = time.perf_counter()
   compiled = run.lower(params, x, y).compile()
@@ -84,18 +88,21 @@ def main():
   ap.add_argument("--variants", nargs="+", default=["fast", "vmap", "loop"], choices=["fast", "vmap", "loop"])
   ap.add_argument("--settings", nargs="+", default=["scan", "call"], choices=["scan", "call"])
   ap.add_argument("--unroll", type=int, default=16, help="make_model('gn_lenet', unroll=...)")
+  ap.add_argument("--devices", type=int, default=1, help="CPU devices to shard the nodes over")
   args = ap.parse_args()
+  sharding.request_cpu_devices(args.devices)  # before the backend starts
 
   model = models.make_model("gn_lenet", unroll=args.unroll)
   print(f"jax {jax.__version__}, device {jax.devices()[0].device_kind} ({jax.devices()[0].platform}), "
         f"{os.cpu_count()} CPUs, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
-        f"batch {args.batch}, unroll {args.unroll}")
+        f"batch {args.batch}, unroll {args.unroll}, devices {args.devices}")
   print(f"{'variant':8s} {'setting':8s} {'N':>4s} {'samples/s':>10s} {'compile s':>10s}")
   for n in args.nodes:
     variants = stacked_variants(model)
     for name in args.variants:
       for setting in args.settings:
-        sps, tc = measure(variants[name], model, n, args.batch, setting, args.steps, args.repeats)
+        sps, tc = measure(variants[name], model, n, args.batch, setting, args.steps, args.repeats,
+                           args.devices)
         print(f"{name:8s} {setting:8s} {n:4d} {sps:10.0f} {tc:10.1f}", flush=True)
 
 

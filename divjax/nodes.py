@@ -57,7 +57,7 @@ def make(cfg: Config, task) -> LocalSGD:
             steps + active.astype(steps.dtype), losses)
 
   # with `devices: K`, each device trains its own N/K nodes (no communication in a local step)
-  mesh = sharding.node_mesh(cfg.devices, n)
+  mesh = sharding.node_mesh(cfg.devices)
   block = sharding.over_nodes(step_block, mesh, (True, True, True, True, False, False, True))
 
   def step(params, opt_state, steps, run_key, lr, active):

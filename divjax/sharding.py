@@ -10,7 +10,9 @@ a one-axis `jax.sharding.Mesh` named "nodes":
 * everything else (routing, queues, mixing) is left to XLA's partitioner.
 
 Sharding is a layout, never a change of semantics: per-node randomness is keyed by node id
-and step, so a sharded run gives the same numbers as the unsharded one (tested).
+and step, so a sharded run sends the same messages at the same times as the unsharded one,
+with parameters equal up to float32 rounding (XLA may pick another matmul kernel for N/K
+nodes than for N); tests/test_sharding.py checks both.
 
 On a CPU, K host devices are a way to use the cores: XLA:CPU runs the devices' programs side
 by side, one thread each, which keeps the cores busier than one program of many small
@@ -34,7 +36,7 @@ def request_cpu_devices(k: int) -> None:
 
   Only effective before the backend starts (it is a no-op afterwards, and harmless on an
   accelerator, where the CPU devices are not used). Eigen's intra-op threads are turned off
-  because the k devices already occupy the cores: measured, it is faster (BENCHMARKS.md).
+  because the k devices already occupy the cores (BENCHMARKS.md has the measurement).
   """
   if k <= 1:
     return
@@ -45,8 +47,9 @@ def request_cpu_devices(k: int) -> None:
     os.environ["XLA_FLAGS"] = f"{flags} {flag}".strip()
 
 
-def node_mesh(devices: int, n_nodes: int) -> Optional[Mesh]:
-  """The one-axis mesh of the first `devices` devices, or None for one device."""
+def node_mesh(devices: int) -> Optional[Mesh]:
+  """The one-axis mesh of the first `devices` devices, or None for one device.
+  (The config has already checked that n_nodes is a multiple of `devices`.)"""
   if devices <= 1:
     return None
   have = jax.devices()
@@ -55,8 +58,6 @@ def node_mesh(devices: int, n_nodes: int) -> Optional[Mesh]:
         f"devices: {devices} requested but only {len(have)} {have[0].platform} device(s) exist "
         f"(on a CPU, `divjax run` creates host devices itself; elsewhere set "
         f"jax.config.update('jax_num_cpu_devices', {devices}) before JAX starts)")
-  if n_nodes % devices:
-    raise ValueError(f"devices: n_nodes = {n_nodes} must be a multiple of devices = {devices}")
   return Mesh(have[:devices], (AXIS,))
 
 

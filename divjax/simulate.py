@@ -40,7 +40,7 @@ def build(cfg: Config, task: Optional[tasks.Task] = None, *, communicate: bool =
   eng = engine_lib.make(cfg, task, algorithms.make(cfg), communicate=communicate)
   run_key = jax.random.key(cfg.seed)
   hyper = engine_lib.Hyper(lr=jnp.float32(cfg.lr))
-  mesh = sharding.node_mesh(cfg.devices, cfg.n_nodes)
+  mesh = sharding.node_mesh(cfg.devices)
   evaluate_nodes = jax.jit(sharding.over_nodes(task.evaluate, mesh, (True,)))
   return Simulation(cfg, task, eng, run_key, hyper, mesh, evaluate_nodes)
 
@@ -56,8 +56,7 @@ _consensus = jax.jit(consensus_distance)
 def evaluate(sim: Simulation, state: engine_lib.EngineState) -> dict:
   """Test metrics of every node and of the network-average model, plus message counts."""
   ev = jax.device_get(sim.evaluate_nodes(state.params))
-  # reductions over nodes on one whole copy: the same summation order, so the same numbers,
-  # as an unsharded run
+  # reductions over nodes on one whole copy: the summation order of an unsharded run
   whole = sharding.gather(state.params, sim.mesh)
   avg = jax.device_get(sim.task.evaluate(whole.mean(0, keepdims=True)))
   tick = int(state.tick)
