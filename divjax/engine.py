@@ -440,8 +440,9 @@ def make(cfg: Config, task, protocol: Protocol, *, communicate: bool = True) -> 
     state, losses = local_step(state, run_key, hyper, active)
     if communicate and may_end_round:
       state = end_rounds(state, run_key, active & (state.steps % h == 0))
-    n_active = jnp.maximum(jnp.sum(active), 1)
-    return state._replace(tick=t + 1), jnp.sum(jnp.where(active, losses, 0.0)) / n_active
+    # per-node losses, averaged over nodes once per chunk (`advance`): a sum over nodes here
+    # would be a collective every tick with `devices` > 1, making the devices wait for each other
+    return state._replace(tick=t + 1), (jnp.where(active, losses, 0.0), active)
 
   def advance(state: EngineState, run_key, hyper: Hyper, length: int):
     """Simulates `length` ticks (static) from a tick that is a multiple of H.
@@ -454,12 +455,14 @@ def make(cfg: Config, task, protocol: Protocol, *, communicate: bool = True) -> 
     def block(s, _):  # H ticks: H - 1 local-only ticks, then the round-end tick
       s, losses = jax.lax.scan(local, s, None, length=h - 1)
       s, last = tick(s, run_key, hyper, True)
-      return s, jnp.concatenate([losses, last[None]])
+      return s, jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), losses, last)  # (H, N)
 
     n_blocks, rest = divmod(length, h)
     state, losses = jax.lax.scan(block, state, None, length=n_blocks)
     state, tail = jax.lax.scan(local, state, None, length=rest)
-    return state, {"train_loss": jnp.concatenate([losses.reshape(-1), tail])}
+    losses, active = jax.tree.map(lambda a, b: jnp.concatenate([a.reshape((-1, n)), b]), losses, tail)
+    mean = jnp.sum(losses, axis=1) / jnp.maximum(jnp.sum(active, axis=1), 1)              # (length,)
+    return state, {"train_loss": mean}
 
   return Engine(init=init, advance=advance, frags=frags, net=net, depth=d, round_ticks=round_ticks_np)
 

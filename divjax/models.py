@@ -20,11 +20,13 @@ runs its steps) the kernel-gradient convolution of autodiff falls back to a naiv
   (two passes over the activations in the backward pass instead of about ten); the
   statistics of y = conv + bias come from sums over the conv output and the pool picks on
   it (the bias is per channel), so y itself is never written out;
-* unrolls `unroll` nodes' networks side by side inside a `lax.map` over groups of nodes:
-  XLA:CPU runs independent per-node chains on both cores, while a `lax.map` over single
-  nodes keeps one core busy. Larger `unroll` compiles longer (about 0.8 s per unrolled node);
-  the default 16 runs N = 16 without any loop over groups and N = 64 as 4 groups (8 was
-  about 10% slower at N = 64: each group boundary stores residuals and idles a core);
+* unrolls `unroll` nodes' networks side by side, in a `lax.map` over groups of nodes
+  (`map_groups`): with one multi-threaded device XLA:CPU runs independent per-node chains
+  on both cores, while a `lax.map` over single nodes keeps one core busy. Larger `unroll`
+  compiles longer (about 0.8 s per unrolled node). The training step differentiates each
+  group on its own (`Model.group`, used by divjax.nodes) rather than the whole `lax.map`:
+  the residuals of one group stay in cache instead of being stacked for all N nodes, which
+  measured 15-25% faster at N = 64 (BENCHMARKS.md);
 * splits the stacked parameters into per-node rows with a custom VJP that stacks the rows'
   gradients in a separate op: autodiff's own version fuses that stack into the SGD update
   as a loop choosing among all N rows per element, which cost as much as a conv layer.
@@ -56,6 +58,31 @@ class Model(NamedTuple):
   # (params with leading axis N, x (B, ...) shared by all nodes) -> (N, B, ...): evaluation on
   # a common test set; None means jax.vmap(apply, in_axes=(0, None)) (see `apply_shared`)
   shared: Optional[Callable] = None
+  # nodes differentiated together in a training step (one `map_groups` iteration); None: all
+  group: Optional[int] = None
+
+
+def map_groups(fn: Callable, group: Optional[int], *args):
+  """fn over the leading (node) axis of args in groups of about `group` nodes, one group
+  per `lax.map` iteration; fn must treat nodes independently. None or group >= N: one call.
+
+  The group size is the largest divisor of N not above `group` when that is at least half of
+  it (no leftover group, so fn is compiled once); otherwise `group`, plus one call for the
+  N mod group nodes left over.
+  """
+  n = jax.tree.leaves(args)[0].shape[0]
+  if group is None or group >= n:
+    return fn(*args)
+  g = max(d for d in range(1, group + 1) if n % d == 0)
+  g = g if 2 * g >= group else group
+  k, rest = divmod(n, g)
+  head = lambda a: a[: k * g].reshape((k, g) + a.shape[1:])
+  out = lax.map(lambda a: fn(*a), jax.tree.map(head, args))
+  out = jax.tree.map(lambda a: a.reshape((k * g,) + a.shape[2:]), out)
+  if rest:
+    tail = fn(*jax.tree.map(lambda a: a[k * g:], args))
+    out = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, tail)
+  return out
 
 
 def apply_shared(model: Model, params, x):
@@ -88,7 +115,7 @@ def make_model(name: str, *, input_shape=None, hidden=(64,), n_classes: int = 10
     # evaluation through the fast per-node convolutions too (vmap(apply) would be a grouped
     # convolution, several times slower on CPU); the broadcast copy is N x B images
     shared = lambda p, x: stacked(p, jnp.broadcast_to(x, (jax.tree.leaves(p)[0].shape[0],) + x.shape))
-    return Model(init, apply, stacked, "classification", shared)
+    return Model(init, apply, stacked, "classification", shared, group=unroll)
   if name in ("mlp", "logreg"):
     if input_shape is None:
       raise ValueError(f"input_shape: required for {name} (the shape of one sample)")
@@ -328,22 +355,9 @@ _unstack.defvjp(lambda a: (_unstack(a), None),
 
 
 def _gn_lenet_stacked(unroll: int):
-  def side_by_side(args):
-    p, x = args
+  def side_by_side(p, x):
     rows = jax.tree.map(_unstack, p)                                          # leaves: tuples of rows
     node = lambda i: jax.tree.map(lambda r: r[i], rows, is_leaf=lambda t: isinstance(t, tuple))
     return jnp.stack([_gn_lenet_one(node(i), x[i]) for i in range(x.shape[0])])
 
-  def apply_stacked(params, x):
-    n = x.shape[0]
-    g = min(unroll, n)
-    groups, rest = divmod(n, g)
-    head = lambda a: a[: groups * g].reshape((groups, g) + a.shape[1:])
-    out = lax.map(side_by_side, (jax.tree.map(head, params), head(x)))
-    out = out.reshape((groups * g,) + out.shape[2:])
-    if rest:
-      tail = side_by_side((jax.tree.map(lambda a: a[groups * g:], params), x[groups * g:]))
-      out = jnp.concatenate([out, tail])
-    return out
-
-  return apply_stacked
+  return lambda params, x: map_groups(side_by_side, unroll, params, x)

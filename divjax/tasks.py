@@ -23,7 +23,8 @@ class Task(NamedTuple):
   n_params: int
   tensor_sizes: list              # sizes of the model's tensors in flat order
   init_flat: Callable             # key -> (P,)
-  loss_stacked: Callable          # (params (N, P), x (N, B, ...), y (N, B)) -> (N,)
+  unravel: Callable               # one flat model (P,) -> its parameter pytree
+  loss_tree: Callable             # (stacked pytree, leaves (N, ...), x (N, B, ...), y (N, B)) -> (N,)
   evaluate: Callable              # params (N, P) -> {"acc": (N,), "loss": (N,)}
   x_train: jax.Array              # (S, ...)
   y_train: jax.Array              # (S,) int labels or float ratings
@@ -31,6 +32,11 @@ class Task(NamedTuple):
   counts: jax.Array               # (N,) int32 valid entries of each row of `parts`
   label_hist: Optional[np.ndarray] = None  # (N, C) training labels per node
   baseline: Optional[dict] = None  # a trivial predictor's test metrics (MovieLens: global mean)
+  group: Optional[int] = None     # nodes differentiated together (models.Model.group)
+
+  def loss_stacked(self, p, x, y):
+    """Per-node losses (N,) of flat models p (N, P) on their batches x (N, B, ...), y (N, B)."""
+    return self.loss_tree(jax.vmap(self.unravel)(p), x, y)
 
 
 def _pad_parts(parts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -61,8 +67,8 @@ def classification_task(name: str, model: models.Model, x_train, y_train, parts,
   def init_flat(key):
     return ravel_pytree(model.init(key))[0]
 
-  def loss_stacked(p, x, y):
-    logits = model.apply_stacked(jax.vmap(unravel)(p), x)                                # (N, B, C)
+  def loss_tree(tree, x, y):
+    logits = model.apply_stacked(tree, x)                                                # (N, B, C)
     logp = jax.nn.log_softmax(logits)
     return -jnp.mean(jnp.take_along_axis(logp, y[..., None].astype(jnp.int32), axis=-1)[..., 0], axis=-1)
 
@@ -115,9 +121,10 @@ def classification_task(name: str, model: models.Model, x_train, y_train, parts,
   y_np = np.asarray(y_train)
   hist = np.stack([np.bincount(y_np[p], minlength=n_classes) for p in parts])
   return Task(name=name, kind="classification", n_params=n_params, tensor_sizes=tensor_sizes,
-              init_flat=init_flat, loss_stacked=loss_stacked, evaluate=jax.jit(evaluate),
+              init_flat=init_flat, unravel=unravel, loss_tree=loss_tree, evaluate=jax.jit(evaluate),
               x_train=jnp.asarray(x_train), y_train=jnp.asarray(y_train, jnp.int32),
-              parts=jnp.asarray(idx), counts=jnp.asarray(counts), label_hist=hist)
+              parts=jnp.asarray(idx), counts=jnp.asarray(counts), label_hist=hist,
+              group=model.group)
 
 
 def synthetic(cfg: Config) -> Task:
@@ -254,8 +261,8 @@ def movielens(cfg: Config, *, offset: Optional[str] = None) -> Task:
   _, unravel = ravel_pytree(template)
   tensor_sizes = [int(np.size(leaf)) for leaf in jax.tree.leaves(template)]
 
-  def loss_stacked(p, x, y):
-    pred = model.apply_stacked(jax.vmap(unravel)(p), x) + shift                            # (N, B)
+  def loss_tree(tree, x, y):
+    pred = model.apply_stacked(tree, x) + shift                                            # (N, B)
     return jnp.mean((pred - y) ** 2, axis=-1)
 
   t_idx, t_cnt = _pad_parts(test_parts)
@@ -283,7 +290,7 @@ def movielens(cfg: Config, *, offset: Optional[str] = None) -> Task:
   idx, counts = _pad_parts(train_parts)
   return Task(name=cfg.task, kind="regression", n_params=int(sum(tensor_sizes)),
               tensor_sizes=tensor_sizes, init_flat=lambda k: ravel_pytree(model.init(k))[0],
-              loss_stacked=loss_stacked, evaluate=jax.jit(evaluate),
+              unravel=unravel, loss_tree=loss_tree, evaluate=jax.jit(evaluate),
               x_train=jnp.asarray(pairs), y_train=jnp.asarray(ratings),
               parts=jnp.asarray(idx), counts=jnp.asarray(counts),
               baseline=baseline | {"offset": offset})
