@@ -80,7 +80,7 @@ def reset_peak() -> bool:
 def analyse(args, eval_nodes: int) -> dict:
   task = build(args, eval_nodes)
   t0 = time.perf_counter()
-  compiled = task.evaluate.lower(jax.ShapeDtypeStruct((args.nodes, task.n_params), jnp.float32)).compile()
+  compiled = task.eval_fn.lower(jax.ShapeDtypeStruct((args.nodes, task.n_params), jnp.float32), task.test).compile()
   out = {"model": args.model, "nodes": args.nodes, "test": args.test, "eval_batch": args.eval_batch,
          "eval_nodes": eval_nodes, "n_params": task.n_params, "compile_s": round(time.perf_counter() - t0, 1),
          "naive_logits_bytes": args.nodes * args.test * 10 * 4}
@@ -95,7 +95,7 @@ def analyse(args, eval_nodes: int) -> dict:
     reset = reset_peak()
     rss = proc_status("VmRSS")
     t0 = time.perf_counter()
-    ev = jax.block_until_ready(compiled(params))
+    ev = jax.block_until_ready(compiled(params, task.test))
     out |= {"eval_s": round(time.perf_counter() - t0, 1), "rss_before_bytes": rss,
             "peak_rss_after_bytes": peak_rss_bytes(), "acc_mean": float(np.mean(ev["acc"]))}
     if reset and rss is not None:  # the evaluation's own peak above what was resident before it

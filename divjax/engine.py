@@ -97,8 +97,9 @@ class EngineState(NamedTuple):
 
 
 class Hyper(NamedTuple):
-  """Traced numbers: sweeping them does not recompile."""
+  """Traced inputs of a chunk: sweeping them does not recompile."""
   lr: jax.Array
+  data: Any    # the task's TrainData: an argument, not a constant baked into the program
 
 
 class Engine(NamedTuple):
@@ -186,7 +187,7 @@ def make(cfg: Config, task, protocol: Protocol, *, communicate: bool = True) -> 
 
   def local_step(state: EngineState, run_key, hyper: Hyper, active):
     params, opt_state, steps, losses = sgd.step(state.params, state.opt_state, state.steps,
-                                                run_key, hyper.lr, active)
+                                                hyper.data, run_key, hyper.lr, active)
     return state._replace(params=params, opt_state=opt_state, steps=steps), losses
 
   # Message records are routed one table slot at a time (split further so that a step gathers
@@ -431,37 +432,47 @@ def make(cfg: Config, task, protocol: Protocol, *, communicate: bool = True) -> 
         age_count=state.age_count + n_used,
         rounds=state.rounds + ends)
 
-  def tick(state: EngineState, run_key, hyper: Hyper, may_end_round: bool):
-    """One tick. Round ends can only fall on ticks t with (t+1) % H == 0 (every R_i is a
-    multiple of H), so only those ticks (`may_end_round`, static) carry the round-end work,
-    masked by which nodes actually end a round: no per-tick branch."""
+  def tick(state: EngineState, run_key, hyper: Hyper):
+    """The local steps of one tick (events 1 of the module docstring)."""
     t = state.tick
     active = (t + 1) % period == 0
     state, losses = local_step(state, run_key, hyper, active)
-    if communicate and may_end_round:
-      state = end_rounds(state, run_key, active & (state.steps % h == 0))
     # per-node losses, averaged over nodes once per chunk (`advance`): a sum over nodes here
     # would be a collective every tick with `devices` > 1, making the devices wait for each other
     return state._replace(tick=t + 1), (jnp.where(active, losses, 0.0), active)
 
+  def round_end(state: EngineState, run_key):
+    """Events 2-3 of the tick just simulated. Round ends can only fall on ticks t with
+    (t+1) % H == 0 (every R_i is a multiple of H), so this runs after every H-th tick,
+    masked by which nodes actually end a round: no per-tick branch."""
+    t = state.tick - 1
+    ends = ((t + 1) % period == 0) & (state.steps % h == 0)
+    return end_rounds(state._replace(tick=t), run_key, ends)._replace(tick=t + 1)
+
   def advance(state: EngineState, run_key, hyper: Hyper, length: int):
     """Simulates `length` ticks (static) from a tick that is a multiple of H.
+
+    The local step is traced once, as the body of the scan over a block's H ticks (and, if
+    `length` is not a multiple of H, once more for the remaining ticks): compile time grows
+    with every copy of an unrolled model.
 
     Returns:
       (state, metrics) with metrics["train_loss"] of shape (length,).
     """
-    local = lambda s, _: tick(s, run_key, hyper, False)
+    local = lambda s, _: tick(s, run_key, hyper)
 
-    def block(s, _):  # H ticks: H - 1 local-only ticks, then the round-end tick
-      s, losses = jax.lax.scan(local, s, None, length=h - 1)
-      s, last = tick(s, run_key, hyper, True)
-      return s, jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), losses, last)  # (H, N)
+    def block(s, _):  # H ticks, the last of which may end rounds
+      s, losses = jax.lax.scan(local, s, None, length=h)
+      return (round_end(s, run_key) if communicate else s), losses
 
     n_blocks, rest = divmod(length, h)
     state, losses = jax.lax.scan(block, state, None, length=n_blocks)
-    state, tail = jax.lax.scan(local, state, None, length=rest)
-    losses, active = jax.tree.map(lambda a, b: jnp.concatenate([a.reshape((-1, n)), b]), losses, tail)
-    mean = jnp.sum(losses, axis=1) / jnp.maximum(jnp.sum(active, axis=1), 1)              # (length,)
+    losses = jax.tree.map(lambda a: a.reshape((-1, n)), losses)                              # (ticks, N)
+    if rest:
+      state, tail = jax.lax.scan(local, state, None, length=rest)
+      losses = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), losses, tail)
+    losses, active = losses
+    mean = jnp.sum(losses, axis=1) / jnp.maximum(jnp.sum(active, axis=1), 1)                # (length,)
     return state, {"train_loss": mean}
 
   return Engine(init=init, advance=advance, frags=frags, net=net, depth=d, round_ticks=round_ticks_np)

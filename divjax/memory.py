@@ -103,9 +103,8 @@ def estimate(sim) -> dict[str, int]:
   width = getattr(getattr(sim.engine, "frags", None), "width", 0)
   parts["routing"] = 2 * 4 * min(_ROUTE_FLOATS, n * width) if width else 0
 
-  peak, test_data = _scan(jax.make_jaxpr(task.evaluate)(params))  # the test set is captured
-  parts["data"] = (_nbytes(task.x_train) + _nbytes(task.y_train) + _nbytes(task.parts)
-                   + _nbytes(task.counts) + test_data)
+  peak, captured = _scan(jax.make_jaxpr(task.eval_fn)(params, task.test))
+  parts["data"] = _tree_bytes(task.train_data) + _tree_bytes(task.test) + captured
   parts["evaluation"] = _LIVE * peak
   # chunks and evaluations alternate: their temporaries are never alive together
   stepping = parts["chunk_copy"] + parts["training"] + parts["routing"]

@@ -23,7 +23,7 @@ from divjax.config import Config
 
 class LocalSGD(NamedTuple):
   init_opt: Callable   # params (N, P) -> optax state with leaves (N, ...)
-  step: Callable       # (params, opt_state, steps, run_key, lr, active) -> (params, opt_state, steps, losses)
+  step: Callable       # (params, opt_state, steps, data, run_key, lr, active) -> (params, opt_state, steps, losses)
 
 
 def make(cfg: Config, task) -> LocalSGD:
@@ -37,17 +37,18 @@ def make(cfg: Config, task) -> LocalSGD:
   def init_opt(params):
     return jax.vmap(make_opt(0.0).init)(params)
 
-  def step_block(params, opt_state, steps, nodes, run_key, lr, active):
+  def step_block(params, opt_state, steps, nodes, data, run_key, lr, active):
     """One local step of every node where `active` is True; others are left as they are.
 
-    Works on any block of nodes (`nodes`: their global ids). Node i's minibatch is drawn from
+    Works on any block of nodes (`nodes`: their global ids); `data` is the task's TrainData,
+    whole on every device. Node i's minibatch is drawn from
     key (run, i, steps[i]), so it depends neither on when (in which tick or round) the step
     is taken nor on which device trains node i.
     """
     k_batch = sampling.stream(run_key, sampling.STREAM_BATCH)
     idx = jax.vmap(sampling.batch_indices, in_axes=(None, 0, 0, None, None, None))(
-        k_batch, nodes, steps, task.parts, task.counts, b)                                # (N, B)
-    x, y = task.x_train[idx], task.y_train[idx]
+        k_batch, nodes, steps, data.parts, data.counts, b)                                # (N, B)
+    x, y = data.x[idx], data.y[idx]
 
     def grads_and_losses(tree, x, y):
       def total_loss(t):
@@ -67,10 +68,10 @@ def make(cfg: Config, task) -> LocalSGD:
 
   # with `devices: K`, each device trains its own N/K nodes (no communication in a local step)
   mesh = sharding.node_mesh(cfg.devices)
-  block = sharding.over_nodes(step_block, mesh, (True, True, True, True, False, False, True))
+  block = sharding.over_nodes(step_block, mesh, (True, True, True, True, False, False, False, True))
 
-  def step(params, opt_state, steps, run_key, lr, active):
+  def step(params, opt_state, steps, data, run_key, lr, active):
     """One local step of every node where `active` (N,) is True (see step_block)."""
-    return block(params, opt_state, steps, node_ids, run_key, lr, active)
+    return block(params, opt_state, steps, node_ids, data, run_key, lr, active)
 
   return LocalSGD(init_opt=init_opt, step=step)

@@ -32,16 +32,18 @@ class Simulation(NamedTuple):
   run_key: jax.Array
   hyper: engine_lib.Hyper
   mesh: Optional[jax.sharding.Mesh]  # the node axis over `devices` devices; None for one
-  evaluate_nodes: Callable            # params (N, P) -> per-node metrics, sharded like them
+  evaluate_nodes: Callable            # (params (N, P), test) -> per-node metrics, sharded like them
 
 
 def build(cfg: Config, task: Optional[tasks.Task] = None, *, communicate: bool = True) -> Simulation:
   task = task if task is not None else tasks.build(cfg)
   eng = engine_lib.make(cfg, task, algorithms.make(cfg), communicate=communicate)
   run_key = jax.random.key(cfg.seed)
-  hyper = engine_lib.Hyper(lr=jnp.float32(cfg.lr))
   mesh = sharding.node_mesh(cfg.devices)
-  evaluate_nodes = jax.jit(sharding.over_nodes(task.evaluate, mesh, (True,)))
+  # the data, whole on every device, placed once (not moved again at every chunk)
+  task = task._replace(test=sharding.gather(task.test, mesh))
+  hyper = engine_lib.Hyper(lr=jnp.float32(cfg.lr), data=sharding.gather(task.train_data, mesh))
+  evaluate_nodes = jax.jit(sharding.over_nodes(task.eval_fn, mesh, (True, False)))
   return Simulation(cfg, task, eng, run_key, hyper, mesh, evaluate_nodes)
 
 
@@ -55,7 +57,7 @@ _consensus = jax.jit(consensus_distance)
 
 def evaluate(sim: Simulation, state: engine_lib.EngineState) -> dict:
   """Test metrics of every node and of the network-average model, plus message counts."""
-  ev = jax.device_get(sim.evaluate_nodes(state.params))
+  ev = jax.device_get(sim.evaluate_nodes(state.params, sim.task.test))
   # reductions over nodes on one whole copy: the summation order of an unsharded run
   whole = sharding.gather(state.params, sim.mesh)
   avg = jax.device_get(sim.task.evaluate(whole.mean(0, keepdims=True)))
@@ -102,7 +104,7 @@ def _divergence(sim: Simulation, state, train_loss: np.ndarray) -> Optional[dict
     return None
   nodes = bad_params
   if not nodes.size:  # the chunk's loss is a mean over nodes: find them by their test loss
-    nodes = np.flatnonzero(~np.isfinite(jax.device_get(sim.evaluate_nodes(state.params)["loss"])))
+    nodes = np.flatnonzero(~np.isfinite(jax.device_get(sim.evaluate_nodes(state.params, sim.task.test)["loss"])))
   tick = int(state.tick)
   return {"tick": tick, "time_s": tick * sim.cfg.dt_us / 1e6, "nodes": nodes.tolist(),
           "metrics": [m for m, bad in (("params", bad_params.size), ("train_loss", bad_loss)) if bad]}

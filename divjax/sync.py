@@ -140,7 +140,7 @@ def make(cfg: Config, task, protocol: SyncProtocol) -> SyncEngine:
 
     def local(carry, _):
       params, opt_state, steps = carry
-      params, opt_state, steps, losses = sgd.step(params, opt_state, steps, run_key, hyper.lr, everyone)
+      params, opt_state, steps, losses = sgd.step(params, opt_state, steps, hyper.data, run_key, hyper.lr, everyone)
       return (params, opt_state, steps), losses.mean()
 
     (params, opt_state, steps), losses = jax.lax.scan(
@@ -154,7 +154,7 @@ def make(cfg: Config, task, protocol: SyncProtocol) -> SyncEngine:
 
     def local(carry, _):
       params, opt_state, steps = carry
-      params, opt_state, steps, losses = sgd.step(params, opt_state, steps, run_key, hyper.lr, member)
+      params, opt_state, steps, losses = sgd.step(params, opt_state, steps, hyper.data, run_key, hyper.lr, member)
       return (params, opt_state, steps), jnp.sum(jnp.where(member, losses, 0.0)) / cohort.shape[0]
 
     (params, opt_state, steps), losses = jax.lax.scan(

@@ -2,11 +2,15 @@
 
 The engine sees models as flat vectors: a task unravels (N, P) rows to stacked flax
 parameters only inside its loss and evaluation.
+
+Data reaches jitted code as arguments (`Task.train_data`, `Task.test`), never as captured
+constants: a captured array is copied into the compiled program, which for CIFAR-10's 600 MB
+training set added about 13 s to every compilation and a second copy to the memory.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +21,14 @@ from divjax import models
 from divjax.config import Config
 
 
+class TrainData(NamedTuple):
+  """What the local step reads: the training set and each node's share of it."""
+  x: jax.Array                    # (S, ...)
+  y: jax.Array                    # (S,)
+  parts: jax.Array                # (N, L) int32 indices into the training set
+  counts: jax.Array               # (N,) int32 valid entries of each row of `parts`
+
+
 class Task(NamedTuple):
   name: str
   kind: str                       # "classification" or "regression"
@@ -25,7 +37,8 @@ class Task(NamedTuple):
   init_flat: Callable             # key -> (P,)
   unravel: Callable               # one flat model (P,) -> its parameter pytree
   loss_tree: Callable             # (stacked pytree, leaves (N, ...), x (N, B, ...), y (N, B)) -> (N,)
-  evaluate: Callable              # params (N, P) -> {"acc": (N,), "loss": (N,)}
+  eval_fn: Callable               # jitted (params (N, P), test) -> {"acc": (N,), "loss": (N,)}
+  test: Any                       # the test set (a pytree of arrays) that eval_fn reads
   x_train: jax.Array              # (S, ...)
   y_train: jax.Array              # (S,) int labels or float ratings
   parts: jax.Array                # (N, L) int32 indices into the training set
@@ -33,6 +46,14 @@ class Task(NamedTuple):
   label_hist: Optional[np.ndarray] = None  # (N, C) training labels per node
   baseline: Optional[dict] = None  # a trivial predictor's test metrics (MovieLens: global mean)
   group: Optional[int] = None     # nodes differentiated together (models.Model.group)
+
+  def evaluate(self, p):
+    """Per-node test metrics {"acc": (N,), "loss": (N,)} of flat models p (N, P)."""
+    return self.eval_fn(p, self.test)
+
+  @property
+  def train_data(self) -> TrainData:
+    return TrainData(self.x_train, self.y_train, self.parts, self.counts)
 
   def loss_stacked(self, p, x, y):
     """Per-node losses (N,) of flat models p (N, P) on their batches x (N, B, ...), y (N, B)."""
@@ -82,7 +103,7 @@ def classification_task(name: str, model: models.Model, x_train, y_train, parts,
   yt_c = jnp.concatenate([yt, jnp.zeros((pad,), yt.dtype)]).reshape(n_chunks, eb)
   valid_c = (jnp.arange(n_chunks * eb) < n_test).reshape(n_chunks, eb)
 
-  def group_metrics(tree):
+  def group_metrics(tree, test):
     """(correct, nll) summed over the test set, for a group of g stacked models."""
     def chunk(args):
       xb, yb, vb = args
@@ -92,10 +113,10 @@ def classification_task(name: str, model: models.Model, x_train, y_train, parts,
       correct = (jnp.argmax(logits, -1) == yb[None, :])
       return jnp.sum(correct * vb, -1), jnp.sum(nll * vb, -1)
 
-    correct, nll = jax.lax.map(chunk, (xt_c, yt_c, valid_c))
+    correct, nll = jax.lax.map(chunk, test)
     return correct.sum(0), nll.sum(0)
 
-  def evaluate(p):
+  def evaluate(p, test):
     # Models go through in groups of at most `eval_nodes`, each over test chunks of `eb`
     # images, so the live activations are (g, eb, ...) whatever n_nodes and the test-set
     # size: 1,000 nodes x 10,000 images needs no more than 64 nodes x 10,000 images
@@ -109,7 +130,7 @@ def classification_task(name: str, model: models.Model, x_train, y_train, parts,
     def body(i, acc):
       start = jnp.minimum(i * g, n - g)
       tree = jax.vmap(unravel)(jax.lax.dynamic_slice_in_dim(p, start, g))
-      c, l = group_metrics(tree)
+      c, l = group_metrics(tree, test)
       return (jax.lax.dynamic_update_slice_in_dim(acc[0], c.astype(jnp.float32), start, 0),
               jax.lax.dynamic_update_slice_in_dim(acc[1], l, start, 0))
 
@@ -121,7 +142,8 @@ def classification_task(name: str, model: models.Model, x_train, y_train, parts,
   y_np = np.asarray(y_train)
   hist = np.stack([np.bincount(y_np[p], minlength=n_classes) for p in parts])
   return Task(name=name, kind="classification", n_params=n_params, tensor_sizes=tensor_sizes,
-              init_flat=init_flat, unravel=unravel, loss_tree=loss_tree, evaluate=jax.jit(evaluate),
+              init_flat=init_flat, unravel=unravel, loss_tree=loss_tree,
+              eval_fn=jax.jit(evaluate), test=(xt_c, yt_c, valid_c),
               x_train=jnp.asarray(x_train), y_train=jnp.asarray(y_train, jnp.int32),
               parts=jnp.asarray(idx), counts=jnp.asarray(counts), label_hist=hist,
               group=model.group)
@@ -278,7 +300,8 @@ def movielens(cfg: Config, *, offset: Optional[str] = None) -> Task:
     count = jnp.maximum(jnp.sum(v), 1)
     return jnp.sum(hit) / count, jnp.sqrt(jnp.sum(se) / count)
 
-  def evaluate(p):
+  def evaluate(p, test):
+    x_te, y_te, valid = test
     tree = jax.vmap(unravel)(p)
     if p.shape[0] == 1:  # one model (the network average): every node's test ratings
       one = jax.tree.map(lambda a: a[0], tree)
@@ -290,7 +313,8 @@ def movielens(cfg: Config, *, offset: Optional[str] = None) -> Task:
   idx, counts = _pad_parts(train_parts)
   return Task(name=cfg.task, kind="regression", n_params=int(sum(tensor_sizes)),
               tensor_sizes=tensor_sizes, init_flat=lambda k: ravel_pytree(model.init(k))[0],
-              unravel=unravel, loss_tree=loss_tree, evaluate=jax.jit(evaluate),
+              unravel=unravel, loss_tree=loss_tree,
+              eval_fn=jax.jit(evaluate), test=(x_te, y_te, valid),
               x_train=jnp.asarray(pairs), y_train=jnp.asarray(ratings),
               parts=jnp.asarray(idx), counts=jnp.asarray(counts),
               baseline=baseline | {"offset": offset})

@@ -144,7 +144,7 @@ def test_evaluation_memory_does_not_grow_with_nodes_times_test_set():
   (benchmarks/eval_memory.py: the same at 1,000 nodes x 10,000 CIFAR-10-shaped images)."""
   def temp(n, t, eval_nodes=16):
     task, *_ = mlp_task(t, eval_batch=50, eval_nodes=eval_nodes)
-    mem = task.evaluate.lower(jax.ShapeDtypeStruct((n, task.n_params), np.float32)).compile().memory_analysis()
+    mem = task.eval_fn.lower(jax.ShapeDtypeStruct((n, task.n_params), np.float32), task.test).compile().memory_analysis()
     if mem is None:
       pytest.skip("this backend has no compiled memory analysis")
     return mem.temp_size_in_bytes
