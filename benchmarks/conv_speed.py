@@ -5,6 +5,9 @@
 
 One step = the engine's local step: per-node gradients by
 `jax.grad(lambda P: sum(loss_per_node(apply_stacked(P, X), Y)))`, then an SGD update, jitted.
+For the fast variant the gradient is taken a group of `Model.group` (= --unroll) nodes at a
+time inside a lax.map, as divjax.nodes does; with --devices K each device does this for its
+own N/K nodes.
 Two settings:
   scan  `--steps` steps inside one `lax.scan` per call, as the engine runs them (buffers are
         allocated once per call, and XLA:CPU compiles loop bodies differently);
@@ -13,7 +16,8 @@ Compile time is excluded (and printed); samples/s is the best of `--repeats` tim
 after a warm-up call (calls slower than 10 s are timed once).
 Variants: fast = divjax.models' apply_stacked; vmap = jax.vmap(flax apply); loop = a Python
 loop over the nodes of flax apply (unrolled in the jitted step). XLA uses its default threads
-(all cores). The slow variants take minutes at N = 64: leave them out with --variants.
+(all cores; with --devices K > 1 one thread per device). The slow variants take minutes at
+N = 64: leave them out with --variants.
 """
 
 from __future__ import annotations
@@ -41,10 +45,17 @@ def stacked_variants(model: models.Model) -> dict:
   return {"fast": model.apply_stacked, "vmap": jax.vmap(model.apply), "loop": loop}
 
 
-def make_runner(apply_stacked, setting: str, steps: int, lr: float = 0.05):
+def node_grads(apply_stacked, group=None):
+  """Per-node gradients of the summed node losses; `group`: nodes differentiated together, in
+  a lax.map over groups, as divjax.nodes does with Model.group (None: all nodes at once)."""
+  def grads(params, x, y):
+    return jax.grad(lambda p: jnp.sum(loss_per_node(apply_stacked(p, x), y)))(params)
+  return lambda params, x, y: models.map_groups(grads, group, params, x, y)
+
+
+def make_runner(grads, setting: str, steps: int, lr: float = 0.05):
   def step(params, x, y):
-    grads = jax.grad(lambda p: jnp.sum(loss_per_node(apply_stacked(p, x), y)))(params)
-    return jax.tree.map(lambda p, g: p - lr * g, params, grads)
+    return jax.tree.map(lambda p, g: p - lr * g, params, grads(params, x, y))
 
   if setting == "call":
     return jax.jit(step, donate_argnums=0), 1
@@ -53,16 +64,17 @@ def make_runner(apply_stacked, setting: str, steps: int, lr: float = 0.05):
 
 
 def measure(apply_stacked, model, n: int, batch: int, setting: str, steps: int, repeats: int,
-            devices: int = 1):
+            devices: int = 1, group=None):
   """(samples/s, compile seconds) for one variant."""
   key = jax.random.key(0)
   params = jax.vmap(model.init)(jax.random.split(key, n))
   x = jax.random.normal(key, (n, batch, 32, 32, 3))
   y = jax.random.randint(key, (n, batch), 0, 10)
   mesh = sharding.node_mesh(devices)
-  apply_stacked = sharding.over_nodes(apply_stacked, mesh, (True, True))
+  # each device differentiates its own nodes, as in the engine's local step
+  grads = sharding.over_nodes(node_grads(apply_stacked, group), mesh, (True, True, True))
   params, x, y = sharding.place((params, x, y), mesh, n)
-  run, k = make_runner(apply_stacked, setting, steps)
+  run, k = make_runner(grads, setting, steps)
   t0 = time.perf_counter()
   compiled = run.lower(params, x, y).compile()
   t_compile = time.perf_counter() - t0
@@ -102,7 +114,7 @@ def main():
     for name in args.variants:
       for setting in args.settings:
         sps, tc = measure(variants[name], model, n, args.batch, setting, args.steps, args.repeats,
-                           args.devices)
+                          args.devices, model.group if name == "fast" else None)
         print(f"{name:8s} {setting:8s} {n:4d} {sps:10.0f} {tc:10.1f}", flush=True)
 
 
