@@ -141,7 +141,7 @@ def make(cfg: Config, task, protocol: SyncProtocol) -> SyncEngine:
     def local(carry, _):
       params, opt_state, steps = carry
       params, opt_state, steps, losses = sgd.step(params, opt_state, steps, hyper.data, run_key, hyper.lr, everyone)
-      return (params, opt_state, steps), losses.mean()
+      return (params, opt_state, steps), losses  # averaged after the scan: no collective per step
 
     (params, opt_state, steps), losses = jax.lax.scan(
         local, (state.params, state.opt_state, state.steps), None, length=h)
@@ -155,7 +155,7 @@ def make(cfg: Config, task, protocol: SyncProtocol) -> SyncEngine:
     def local(carry, _):
       params, opt_state, steps = carry
       params, opt_state, steps, losses = sgd.step(params, opt_state, steps, hyper.data, run_key, hyper.lr, member)
-      return (params, opt_state, steps), jnp.sum(jnp.where(member, losses, 0.0)) / cohort.shape[0]
+      return (params, opt_state, steps), jnp.where(member, losses, 0.0)
 
     (params, opt_state, steps), losses = jax.lax.scan(
         local, (state.params, state.opt_state, state.steps), None, length=h)
@@ -163,7 +163,7 @@ def make(cfg: Config, task, protocol: SyncProtocol) -> SyncEngine:
     global_ = jnp.sum(w[:, None] * params[cohort], axis=0)
     return state._replace(params=jnp.broadcast_to(global_, params.shape), opt_state=opt_state,
                           steps=steps, rounds=state.rounds + 1,
-                          sent=state.sent + 2 * cohort.shape[0]), losses.mean()
+                          sent=state.sent + 2 * cohort.shape[0]), losses.sum() / (h * cohort.shape[0])
 
   def advance(state: SyncState, run_key, hyper, length: int):
     """Runs every round that completes by tick state.tick + length."""
