@@ -23,7 +23,8 @@ runs its steps) the kernel-gradient convolution of autodiff falls back to a naiv
 * unrolls `unroll` nodes' networks side by side, in a `lax.map` over groups of nodes
   (`map_groups`): with one multi-threaded device XLA:CPU runs independent per-node chains
   on both cores, while a `lax.map` over single nodes keeps one core busy. Larger `unroll`
-  compiles longer (about 0.8 s per unrolled node). The training step differentiates each
+  compiles longer (about 0.8 s per unrolled node); with several one-thread CPU devices
+  (`devices` > 1) divjax.tasks uses unroll 1, as fast there and quicker to compile. The training step differentiates each
   group on its own (`Model.group`, used by divjax.nodes) rather than the whole `lax.map`:
   the residuals of one group stay in cache instead of being stacked for all N nodes, which
   measured 15-25% faster at N = 64 (BENCHMARKS.md);
@@ -46,6 +47,7 @@ import jax.numpy as jnp
 from jax import lax
 
 NAMES = ("gn_lenet", "mlp", "logreg", "mf")
+IMPLS = ("auto", "fast", "vmap")  # how gn_lenet runs N nodes at once (make_model)
 GN_EPS = 1e-5     # PyTorch's GroupNorm default (flax's is 1e-6)
 GN_GROUPS = 2
 
@@ -94,12 +96,16 @@ def apply_shared(model: Model, params, x):
 
 def make_model(name: str, *, input_shape=None, hidden=(64,), n_classes: int = 10,
                n_users: int | None = None, n_items: int | None = None, dim: int = 20,
-               unroll: int = 16) -> Model:
+               unroll: int = 16, impl: str = "auto") -> Model:
   """Builds a model by name (one of NAMES).
 
   gn_lenet: input_shape (H, W, C), default CIFAR-10's (32, 32, 3); n_classes; unroll = nodes
     run side by side in apply_stacked (speed/compile-time trade-off, results identical;
-    compile time grows about 0.8 s per unrolled node).
+    compile time grows about 0.8 s per unrolled node); impl = "fast" (the hand-written
+    per-node convolutions above), "vmap" (`jax.vmap` of the flax model: one grouped
+    convolution for all nodes, which GPU libraries run as a single kernel while the
+    per-node loop would launch thousands of tiny ones) or "auto" (default): "fast" on a
+    CPU backend, "vmap" elsewhere. Both give the same numbers to float32 rounding.
   mlp, logreg: input_shape (required; inputs are flattened), hidden sizes (mlp), n_classes.
   mf: n_users, n_items (required), dim; inputs are int (B, 2) (user, item) pairs.
   """
@@ -109,8 +115,12 @@ def make_model(name: str, *, input_shape=None, hidden=(64,), n_classes: int = 10
       raise ValueError(f"input_shape: gn_lenet needs (H, W, C), got {shape}")
     if unroll < 1:
       raise ValueError(f"unroll={unroll}: must be >= 1")
+    if impl not in IMPLS:
+      raise ValueError(f"impl: {impl!r} is not one of {', '.join(IMPLS)}")
     module = GNLeNet(n_classes)
     init, apply = _init_apply(module, shape, jnp.float32)
+    if impl == "vmap" or (impl == "auto" and jax.default_backend() != "cpu"):
+      return Model(init, apply, jax.vmap(apply), "classification")
     stacked = _gn_lenet_stacked(unroll)
     # evaluation through the fast per-node convolutions too (vmap(apply) would be a grouped
     # convolution, several times slower on CPU); the broadcast copy is N x B images

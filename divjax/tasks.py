@@ -202,7 +202,11 @@ def make_classifier(cfg: Config, *, input_shape, n_classes, default: str = "mlp"
   if name == "logreg":
     return models.make_model("logreg", input_shape=input_shape, n_classes=n_classes)
   if name == "gn_lenet":
-    return models.make_model("gn_lenet")
+    # Nodes side by side only help one multi-threaded CPU device keep both cores busy; each
+    # of several CPU devices runs on one thread, where one node at a time measured as fast
+    # and compiles 2-10x sooner (BENCHMARKS.md, "group size with 2 devices").
+    return models.make_model("gn_lenet", input_shape=input_shape, n_classes=n_classes,
+                             unroll=1 if cfg.devices > 1 else 16)
   raise ValueError(f"model: {name!r} cannot classify {cfg.task} (allowed: mlp, logreg, gn_lenet)")
 
 

@@ -108,6 +108,20 @@ def test_gn_lenet_stacked_matches_vmap(n_nodes, unroll, shape, conv_bias):
   assert_stacked_matches_vmap(model, params, x, y)
 
 
+def test_gn_lenet_vmap_impl_is_the_plain_vmap_and_auto_is_fast_on_cpu():
+  vm = models.make_model("gn_lenet", input_shape=(8, 8, 3), impl="vmap")
+  fast = models.make_model("gn_lenet", input_shape=(8, 8, 3), impl="fast", unroll=2)
+  auto = models.make_model("gn_lenet", input_shape=(8, 8, 3), unroll=2)
+  assert vm.group is None and fast.group == 2
+  assert jax.default_backend() != "cpu" or auto.group == 2   # auto = fast on a CPU backend
+  params = stacked_params(fast, 3)
+  x = jax.random.normal(jax.random.key(1), (3, 2, 8, 8, 3))
+  np.testing.assert_allclose(vm.apply_stacked(params, x), fast.apply_stacked(params, x),
+                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(models.apply_shared(vm, params, x[0]),
+                             models.apply_shared(fast, params, x[0]), rtol=1e-4, atol=1e-5)
+
+
 def test_gn_lenet_stacked_matches_vmap_on_ties():
   """Flat image regions give exactly equal values in a pooling window: the gradient must go
   to the first maximum only, as flax's max-pool sends it."""
@@ -170,6 +184,10 @@ def test_bad_names_and_arguments():
     models.make_model("mf", n_users=3)
   with pytest.raises(ValueError, match="unroll=0"):
     models.make_model("gn_lenet", unroll=0)
+  with pytest.raises(ValueError, match="impl: 'cuda' is not one of auto, fast, vmap"):
+    models.make_model("gn_lenet", impl="cuda")
+  with pytest.raises(ValueError, match=r"input_shape: gn_lenet needs \(H, W, C\)"):
+    models.make_model("gn_lenet", input_shape=(784,))
 
 
 def test_apply_shared_matches_vmap_over_params():

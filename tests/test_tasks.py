@@ -55,6 +55,17 @@ def test_cifar_task_runs_from_a_data_directory(tmp_path):
   assert 0.0 <= summary["final"]["acc_mean"] <= 1.0
 
 
+def test_gn_lenet_follows_the_images_and_the_devices():
+  """MNIST's 28x28x1 images get a GN-LeNet of that shape; several (one-thread CPU) devices
+  differentiate one node at a time, one device 16 side by side."""
+  one = tasks.make_classifier(tiny_config("model=gn_lenet"), input_shape=(28, 28, 1), n_classes=10)
+  assert one.group == 16
+  assert one.apply(one.init(jax.random.key(0)), np.zeros((2, 28, 28, 1), np.float32)).shape == (2, 10)
+  two = tasks.make_classifier(tiny_config("model=gn_lenet", "n_nodes=4", "devices=2"),
+                              input_shape=(32, 32, 3), n_classes=10)
+  assert two.group == 1
+
+
 def test_evaluation_matches_a_per_node_loop(tmp_path):
   write_cifar(tmp_path)
   cfg = tiny_config("task=cifar10", f"data.dir={tmp_path}", "n_nodes=3", "recipients=1", "eval_batch=16")
