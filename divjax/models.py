@@ -24,8 +24,8 @@ runs its steps) the kernel-gradient convolution of autodiff falls back to a naiv
   (`map_groups`): with one multi-threaded device XLA:CPU runs independent per-node chains
   on both cores, while a `lax.map` over single nodes keeps one core busy. Larger `unroll`
   compiles longer (about 0.8 s per unrolled node); with several one-thread CPU devices
-  (`devices` > 1) divjax.tasks uses unroll 1, as fast there and quicker to compile. The training step differentiates each
-  group on its own (`Model.group`, used by divjax.nodes) rather than the whole `lax.map`:
+  (`devices` > 1) divjax.tasks uses unroll 1, as fast there and quicker to compile. The
+  training step differentiates each group on its own (`Model.group`, used by divjax.nodes) rather than the whole `lax.map`:
   the residuals of one group stay in cache instead of being stacked for all N nodes, which
   measured 15-25% faster at N = 64 (BENCHMARKS.md);
 * splits the stacked parameters into per-node rows with a custom VJP that stacks the rows'
