@@ -25,9 +25,9 @@ runs its steps) the kernel-gradient convolution of autodiff falls back to a naiv
   on both cores, while a `lax.map` over single nodes keeps one core busy. Larger `unroll`
   compiles longer (about 0.8 s per unrolled node); with several one-thread CPU devices
   (`devices` > 1) divjax.tasks uses unroll 1, as fast there and quicker to compile. The
-  training step differentiates each group on its own (`Model.group`, used by divjax.nodes) rather than the whole `lax.map`:
-  the residuals of one group stay in cache instead of being stacked for all N nodes, which
-  measured 15-25% faster at N = 64 (BENCHMARKS.md);
+  training step differentiates each group on its own (`Model.group`, used by
+  divjax.nodes) rather than the whole `lax.map`: the residuals of one group stay in cache
+  instead of being stacked for all N nodes, which measured 15-25% faster at N = 64 (BENCHMARKS.md);
 * splits the stacked parameters into per-node rows with a custom VJP that stacks the rows'
   gradients in a separate op: autodiff's own version fuses that stack into the SGD update
   as a loop choosing among all N rows per element, which cost as much as a conv layer.
