@@ -258,16 +258,12 @@ def _conv_op_bwd(res, dy):
 _conv_op.defvjp(_conv_op_fwd, _conv_op_bwd, symbolic_zeros=True)
 
 
-def _pool_view(t):
-  """(B, H, W, C) -> (B, H//2, 2, W//2, 2, C), dropping an odd last row/column (VALID pool)."""
+def _windows(t):
+  """(B, H, W, C) -> the four (B, H//2, W//2, C) corners of the 2x2 pool windows in row-major
+  window order, dropping an odd last row/column (a VALID pool)."""
   b, h, w, c = t.shape
-  return t[:, : h // 2 * 2, : w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c)
-
-
-def _pool_pick(yv, a):
-  """Per window, the y where a*y + c is largest: max y if a > 0, else min y (both window
-  reductions read the conv output in place; a sign flip to need only one would cost a pass)."""
-  return jnp.where((a > 0)[:, None, None, :], yv.max(axis=(2, 4)), yv.min(axis=(2, 4)))
+  v = t[:, : h // 2 * 2, : w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c)
+  return [v[:, :, i, :, j] for i in (0, 1) for j in (0, 1)]
 
 
 def _gn_stats(yc, bias_c):
@@ -293,8 +289,9 @@ def _gn_pool_relu(yc, bias_c, scale, bias):
   """relu(maxpool2x2(GroupNorm(yc + bias_c))) for one node's (B, H, W, C) conv output.
 
   GroupNorm as flax computes it (variance = E[y^2] - E[y]^2). Max-pool and ReLU commute, and
-  GroupNorm is a per-channel affine map a*y + c after the statistics, so the pool picks on y,
-  and adding the per-channel bias_c does not change which element it picks: it picks on yc.
+  GroupNorm is a per-channel affine map a*y + c after the statistics, so the pool picks on y
+  (the largest y where a > 0, the smallest where not), and adding the per-channel bias_c
+  does not change which element it picks: it picks on yc.
   """
   return _gn_pool_relu_fwd(yc, bias_c, scale, bias)[0]
 
@@ -304,26 +301,26 @@ def _gn_pool_relu_fwd(yc, bias_c, scale, bias):
   s1, mean, inv = _gn_stats(yc, bias_c)
   a = _per_channel(inv, c_dim) * scale                                        # (B, C)
   c = bias + (bias_c - _per_channel(mean, c_dim)) * a                         # a*yc + c = GN(y)
-  pick = _pool_pick(_pool_view(yc), a)                                        # picked yc, pooled
+  w0, w1, w2, w3 = _windows(yc)
+  up = (a > 0)[:, None, None, :]
+  pick = jnp.where(up, jnp.maximum(jnp.maximum(w0, w1), jnp.maximum(w2, w3)),
+                   jnp.minimum(jnp.minimum(w0, w1), jnp.minimum(w2, w3)))   # picked yc, pooled
+  # which corner was picked; on ties the first in row-major window order, as flax's
+  # (XLA's select-and-scatter) and PyTorch's max-pool send the gradient: flat image regions
+  # tie exactly. Kept at pooled size so the backward pass never compares full-size arrays.
+  idx = jnp.where(w0 == pick, 0, jnp.where(w1 == pick, 1, jnp.where(w2 == pick, 2, 3)))
   zp = a[:, None, None, :] * pick + c[:, None, None, :]
-  return jnp.maximum(zp, 0.0), (yc, bias_c, scale, s1, mean, inv, a, pick, zp)
+  return jnp.maximum(zp, 0.0), (yc, bias_c, scale, s1, mean, inv, a, pick, idx.astype(jnp.int8), zp)
 
 
 def _gn_pool_relu_bwd(res, dout):
-  yc, bias_c, scale, s1, mean, inv, a, pick, zp = res
+  yc, bias_c, scale, s1, mean, inv, a, pick, idx, zp = res
   b, h, w, c_dim = yc.shape
-  yv = _pool_view(yc)
-  win = lambda t: t[:, :, None, :, None, :]                                   # broadcast over the 2x2
-  eq = yv == win(pick)
-  # on ties the gradient goes to the first maximum in row-major window order, as flax's
-  # (XLA's select-and-scatter) and PyTorch's max-pool do: flat image regions tie exactly
-  first_row = eq[:, :, :1].any(axis=4, keepdims=True)                         # a match in row 0
-  left = jnp.concatenate([jnp.zeros_like(eq[..., :1, :]), eq[..., :1, :]], axis=4)  # match to the left
-  earlier = left | (first_row & (jnp.arange(2) == 1)[None, None, :, None, None, None])
-  hit = eq & ~earlier & win(zp > 0)
-  dz = jnp.where(hit, win(dout), 0.0)                                         # grad of GN output
-  s_dz = dz.sum(axis=(1, 2, 3, 4))                                            # (B, C)
-  s_dzy = (dz * yv).sum(axis=(1, 2, 3, 4)) + bias_c * s_dz                   # sum dz * y
+  g = jnp.where(zp > 0, dout, 0.0)               # grad of the GN output at the picked element
+  # only the picked element of each window has a gradient, so the sums over the full-size
+  # gradient are sums over the pooled one
+  s_dz = g.sum(axis=(1, 2))                                                   # (B, C)
+  s_dzy = (g * pick).sum(axis=(1, 2)) + bias_c * s_dz                        # sum dz * y
   mean_c, inv_c = _per_channel(mean, c_dim), _per_channel(inv, c_dim)
   s_dzx = inv_c * (s_dzy - mean_c * s_dz)                                     # sum dz * xhat
   cnt = h * w * (c_dim // GN_GROUPS)
@@ -332,11 +329,14 @@ def _gn_pool_relu_bwd(res, dout):
   # dy = inv * (dxhat - mean_g(dxhat) - xhat * mean_g(dxhat * xhat)) = a*dz + k1 + k2*y
   k2 = _per_channel(-inv * inv * g_corr, c_dim)
   k1 = _per_channel(inv * inv * g_corr * mean - inv * g_mean, c_dim)
+  win = lambda t: t[:, :, None, :, None, :]                                   # broadcast over the 2x2
+  corner = jnp.arange(4, dtype=jnp.int8).reshape(1, 1, 2, 1, 2, 1)
+  dz = jnp.where(win(idx) == corner, win(a[:, None, None, :] * g), 0.0)
   dz = dz.reshape(b, h // 2 * 2, w // 2 * 2, c_dim)
   if dz.shape[1:3] != (h, w):
     dz = jnp.pad(dz, ((0, 0), (0, h - dz.shape[1]), (0, w - dz.shape[2]), (0, 0)))
   k1y = k1 + k2 * bias_c                                                      # k1 + k2*y = k1y + k2*yc
-  dy = a[:, None, None, :] * dz + k1y[:, None, None, :] + k2[:, None, None, :] * yc
+  dy = dz + k1y[:, None, None, :] + k2[:, None, None, :] * yc
   d_bias_c = (a * s_dz + h * w * k1 + k2 * s1).sum(0)                         # sum of dy, no extra pass
   return dy, d_bias_c, s_dzx.sum(0), s_dz.sum(0)
 
