@@ -16,10 +16,13 @@ runs its steps) the kernel-gradient convolution of autodiff falls back to a naiv
   fast library kernels: the input gradient is a convolution with the flipped kernel, the
   kernel gradient a convolution whose batch is the input channels and whose features are
   the images;
-* fuses conv bias + GroupNorm + 2x2 max-pool + ReLU into one op with a hand-written VJP
-  (two passes over the activations in the backward pass instead of about ten); the
-  statistics of y = conv + bias come from sums over the conv output and the pool picks on
-  it (the bias is per channel), so y itself is never written out;
+* fuses conv bias + GroupNorm + 2x2 max-pool + ReLU into one op with a hand-written VJP:
+  the statistics of y = conv + bias come from sums over the conv output and the pool picks
+  on it (the bias is per channel), so y itself is never written out; the picks, and which
+  corner of each window they came from, are pooled-size arrays built from the four window
+  corners, so the backward pass's sums run over pooled-size arrays and its one full-size
+  pass writes the input gradient (about ten full-size passes before; the step is about 4%
+  faster, BENCHMARKS.md);
 * unrolls `unroll` nodes' networks side by side, in a `lax.map` over groups of nodes
   (`map_groups`): with one multi-threaded device XLA:CPU runs independent per-node chains
   on both cores, while a `lax.map` over single nodes keeps one core busy. Larger `unroll`
