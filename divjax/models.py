@@ -310,7 +310,8 @@ def _gn_pool_relu_fwd(yc, bias_c, scale, bias):
                    jnp.minimum(jnp.minimum(w0, w1), jnp.minimum(w2, w3)))   # picked yc, pooled
   # which corner was picked; on ties the first in row-major window order, as flax's
   # (XLA's select-and-scatter) and PyTorch's max-pool send the gradient: flat image regions
-  # tie exactly. Kept at pooled size so the backward pass never compares full-size arrays.
+  # tie exactly. XLA:CPU fuses this pooled-size compare into the backward pass's one
+  # full-size loop; storing it through a reduction measured slower (BENCHMARKS.md).
   idx = jnp.where(w0 == pick, 0, jnp.where(w1 == pick, 1, jnp.where(w2 == pick, 2, 3)))
   zp = a[:, None, None, :] * pick + c[:, None, None, :]
   return jnp.maximum(zp, 0.0), (yc, bias_c, scale, s1, mean, inv, a, pick, idx.astype(jnp.int8), zp)
@@ -334,12 +335,12 @@ def _gn_pool_relu_bwd(res, dout):
   k1 = _per_channel(inv * inv * g_corr * mean - inv * g_mean, c_dim)
   win = lambda t: t[:, :, None, :, None, :]                                   # broadcast over the 2x2
   corner = jnp.arange(4, dtype=jnp.int8).reshape(1, 1, 2, 1, 2, 1)
-  dz = jnp.where(win(idx) == corner, win(a[:, None, None, :] * g), 0.0)
-  dz = dz.reshape(b, h // 2 * 2, w // 2 * 2, c_dim)
-  if dz.shape[1:3] != (h, w):
-    dz = jnp.pad(dz, ((0, 0), (0, h - dz.shape[1]), (0, w - dz.shape[2]), (0, 0)))
+  a_dz = jnp.where(win(idx) == corner, win(a[:, None, None, :] * g), 0.0)   # a*dz, full size
+  a_dz = a_dz.reshape(b, h // 2 * 2, w // 2 * 2, c_dim)
+  if a_dz.shape[1:3] != (h, w):
+    a_dz = jnp.pad(a_dz, ((0, 0), (0, h - a_dz.shape[1]), (0, w - a_dz.shape[2]), (0, 0)))
   k1y = k1 + k2 * bias_c                                                      # k1 + k2*y = k1y + k2*yc
-  dy = dz + k1y[:, None, None, :] + k2[:, None, None, :] * yc
+  dy = a_dz + k1y[:, None, None, :] + k2[:, None, None, :] * yc
   d_bias_c = (a * s_dz + h * w * k1 + k2 * s1).sum(0)                         # sum of dy, no extra pass
   return dy, d_bias_c, s_dzx.sum(0), s_dz.sum(0)
 
