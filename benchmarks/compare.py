@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from divjax import config, simulate
+from divjax import config, sharding, simulate
 
 
 def main():
@@ -24,6 +24,8 @@ def main():
   ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
   ap.add_argument("--seeds", type=int, nargs="+", default=[0])
   args = ap.parse_args()
+  base = config.load(args.config, args.set)
+  sharding.request_cpu_devices(base.devices, base.n_nodes)  # `devices` as `divjax run` has them
   rows = []
   for name in args.algorithms:
     per_seed = []
@@ -39,7 +41,7 @@ def main():
              f"{statistics.mean(reached):.1f} ({len(reached)}/{len(ttt)} seeds)" if reached else "never")
     mean = lambda i: statistics.mean(p[i] for p in per_seed)
     rows.append((name, ttt_s, mean(1), mean(2), mean(3), mean(4), mean(5)))
-  target = config.load(args.config, args.set).target
+  target = base.target
   print(f"config {args.config} {' '.join(args.set)}; seeds {args.seeds}; target acc_mean >= {target}")
   print("| algorithm | time to target (s) | final acc (mean) | final acc (min node) | delivered / sent | staleness (s) | wall (s) |")
   print("|---|---|---|---|---|---|---|")

@@ -161,7 +161,7 @@ def cmd_run(args) -> int:
 
   import jax  # heavy imports only once the input is known good
   from divjax import checkpoint, memory, plots, sharding, simulate
-  sharding.request_cpu_devices(cfg.devices)  # before anything starts the backend
+  sharding.request_cpu_devices(cfg.devices, cfg.n_nodes)  # before anything starts the backend
   try:
     sim = simulate.build(cfg)
     mem = memory.check(sim)  # before compiling or writing anything

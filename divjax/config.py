@@ -15,11 +15,11 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -121,11 +121,19 @@ class Config(_Strict):
   # The estimate (divjax.memory) is checked before compiling.
   memory_limit_gb: Optional[float] = Field(None, gt=0.0)
   # Devices the node axis is sharded over (divjax.sharding); n_nodes must be a multiple. On a
-  # CPU, `divjax run` creates that many host devices (one thread each).
-  devices: int = Field(1, ge=1)
+  # CPU, `divjax run` creates that many host devices (one thread each). "auto": the most
+  # devices that divide n_nodes, up to the accelerators present, or on a CPU the cores.
+  devices: Union[Literal["auto"], int] = 1
   network: NetworkConfig = NetworkConfig()
   server: ServerConfig = ServerConfig()
   data: DataConfig = DataConfig()
+
+  @field_validator("devices", mode="before")
+  @classmethod
+  def _devices(cls, v):
+    if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+      return v
+    raise ValueError(f"must be a positive integer or 'auto' (got {v!r})")
 
   @model_validator(mode="after")
   def _check_relations(self) -> "Config":
@@ -144,7 +152,7 @@ class Config(_Strict):
     nodes = self.network.stragglers.nodes
     if nodes is not None and any(not 0 <= i < self.n_nodes for i in nodes):
       raise ValueError(f"network.stragglers.nodes: ids must be in 0..{self.n_nodes - 1} (got {nodes})")
-    if self.n_nodes % self.devices:
+    if self.devices != "auto" and self.n_nodes % self.devices:
       raise ValueError(f"devices: n_nodes = {self.n_nodes} must be a multiple of devices (got {self.devices})")
     if self.server.cohort is not None and self.server.cohort > self.n_nodes:
       raise ValueError(f"server.cohort: must be <= n_nodes = {self.n_nodes} (got {self.server.cohort})")

@@ -67,7 +67,7 @@ def make(cfg: Config, task) -> LocalSGD:
             steps + active.astype(steps.dtype), losses)
 
   # with `devices: K`, each device trains its own N/K nodes (no communication in a local step)
-  mesh = sharding.node_mesh(cfg.devices)
+  mesh = sharding.node_mesh(sharding.device_count(cfg.devices, n))
   block = sharding.over_nodes(step_block, mesh, (True, True, True, True, False, False, False, True))
 
   def step(params, opt_state, steps, data, run_key, lr, active):

@@ -23,7 +23,7 @@ JAX initialises its backend (the CLI calls it before anything touches a device).
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -31,13 +31,31 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 AXIS = "nodes"
 
 
-def request_cpu_devices(k: int) -> None:
+def _largest_divisor(n: int, at_most: int) -> int:
+  return max(d for d in range(1, max(1, min(n, at_most)) + 1) if n % d == 0)
+
+
+def cpu_cores() -> int:
+  """The cores this process may run on."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    return os.cpu_count() or 1
+
+
+def request_cpu_devices(k: Union[int, str], n_nodes: Optional[int] = None) -> None:
   """Asks XLA:CPU for k host devices, each running its program on one thread.
 
-  Only effective before the backend starts (it is a no-op afterwards, and harmless on an
-  accelerator, where the CPU devices are not used). Eigen's intra-op threads are turned off
-  because the k devices already occupy the cores (BENCHMARKS.md has the measurement).
+  k = "auto" (the config's `devices: auto`) asks for the most devices that divide n_nodes,
+  up to the cores this process may use. Only effective before the backend starts (it is a
+  no-op afterwards, and harmless on an accelerator, where the CPU devices are not used).
+  Eigen's intra-op threads are turned off because the k devices already occupy the cores
+  (BENCHMARKS.md has the measurement).
   """
+  if k == "auto":
+    if n_nodes is None:
+      raise ValueError("devices: 'auto' needs n_nodes")
+    k = _largest_divisor(n_nodes, cpu_cores())
   if k <= 1:
     return
   jax.config.update("jax_num_cpu_devices", k)
@@ -45,6 +63,14 @@ def request_cpu_devices(k: int) -> None:
   flags = os.environ.get("XLA_FLAGS", "")
   if flag not in flags:
     os.environ["XLA_FLAGS"] = f"{flags} {flag}".strip()
+
+
+def device_count(devices: Union[int, str], n_nodes: int) -> int:
+  """The config's `devices` as a number: "auto" is the most of JAX's devices (accelerators,
+  or the host devices `request_cpu_devices` created) that divide n_nodes."""
+  if devices == "auto":
+    return _largest_divisor(n_nodes, len(jax.devices()))
+  return devices
 
 
 def node_mesh(devices: int) -> Optional[Mesh]:

@@ -39,7 +39,7 @@ def build(cfg: Config, task: Optional[tasks.Task] = None, *, communicate: bool =
   task = task if task is not None else tasks.build(cfg)
   eng = engine_lib.make(cfg, task, algorithms.make(cfg), communicate=communicate)
   run_key = jax.random.key(cfg.seed)
-  mesh = sharding.node_mesh(cfg.devices)
+  mesh = sharding.node_mesh(sharding.device_count(cfg.devices, cfg.n_nodes))
   # the data, whole on every device, placed once (not moved again at every chunk)
   task = task._replace(test=sharding.gather(task.test, mesh))
   hyper = engine_lib.Hyper(lr=jnp.float32(cfg.lr), data=sharding.gather(task.train_data, mesh))
@@ -214,6 +214,7 @@ def run(cfg: Config, *, on_eval: Optional[Callable[[dict], None]] = None,
       "compile_s": compile_s,
       "node_steps_per_s": steps / run_s if run_s > 0 else None,
       "device": jax.devices()[0].device_kind,
+      "devices": sim.mesh.size if sim.mesh is not None else 1,  # `devices: auto` resolved
   })
   if sim.task.baseline is not None:  # e.g. MovieLens: the RMSE a run has to beat
     summary["baseline"] = sim.task.baseline

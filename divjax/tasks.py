@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from divjax import models
+from divjax import models, sharding
 from divjax.config import Config
 
 
@@ -206,7 +206,7 @@ def make_classifier(cfg: Config, *, input_shape, n_classes, default: str = "mlp"
     # of several CPU devices runs on one thread, where one node at a time measured as fast
     # and compiles 2-10x sooner (BENCHMARKS.md, "group size with 2 devices").
     return models.make_model("gn_lenet", input_shape=input_shape, n_classes=n_classes,
-                             unroll=1 if cfg.devices > 1 else 16)
+                             unroll=1 if sharding.device_count(cfg.devices, cfg.n_nodes) > 1 else 16)
   raise ValueError(f"model: {name!r} cannot classify {cfg.task} (allowed: mlp, logreg, gn_lenet)")
 
 

@@ -3,6 +3,8 @@
 conftest.py gives the test process 4 CPU devices.
 """
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -22,7 +24,7 @@ def run(cfg):
 
 @pytest.mark.parametrize("algorithm, devices, extra", [
     ("divshare", 2, STRAGGLERS),
-    ("divshare", 3, []),
+    ("divshare", "auto", []),  # 6 nodes, 4 test devices: 3
     ("adpsgd", 2, STRAGGLERS),
     ("swift_original", 2, ["topology=ring"]),
     ("dpsgd", 2, ["topology=ring"] + STRAGGLERS),
@@ -34,6 +36,7 @@ def test_sharded_run_equals_unsharded(algorithm, devices, extra):
   one, s1 = run(tiny_config(*args))
   many, sk = run(tiny_config(*args, f"devices={devices}"))
   assert one["status"] == many["status"] == "completed"
+  assert (one["devices"], many["devices"]) == (1, 3 if devices == "auto" else devices)
   if isinstance(s1, engine.EngineState):
     assert engine.message_counts(s1) == engine.message_counts(sk)
     np.testing.assert_array_equal(s1.msg_fate, sk.msg_fate)
@@ -60,7 +63,24 @@ def test_state_is_split_along_nodes():
 def test_bad_device_counts_are_refused():
   with pytest.raises(config.ConfigError, match="devices"):
     tiny_config("devices=4")  # 6 nodes
-  with pytest.raises(config.ConfigError, match="devices"):
+  with pytest.raises(config.ConfigError, match="devices: must be a positive integer or 'auto'"):
     tiny_config("devices=0")
+  with pytest.raises(config.ConfigError, match="devices: must be a positive integer or 'auto'"):
+    tiny_config("devices=many")
   with pytest.raises(ValueError, match="devices: 12 requested but only"):
     simulate.build(tiny_config("n_nodes=12", "recipients=2", "devices=12"))
+
+
+def test_auto_devices_is_the_largest_divisor_of_n_nodes_available(monkeypatch):
+  assert len(jax.devices()) == 4
+  assert [sharding.device_count("auto", n) for n in (6, 8, 7, 2, 1)] == [3, 4, 1, 2, 1]
+  assert sharding.device_count(2, 8) == 2
+  # before the backend starts, `auto` asks for as many host devices as cores allow
+  monkeypatch.setattr(sharding, "cpu_cores", lambda: 2)
+  asked = []
+  monkeypatch.setattr(jax.config, "update", lambda name, v: asked.append((name, v)))
+  monkeypatch.setenv("XLA_FLAGS", "")
+  sharding.request_cpu_devices("auto", 60)
+  sharding.request_cpu_devices("auto", 7)  # prime: one device, nothing asked
+  assert asked == [("jax_num_cpu_devices", 2)]
+  assert "--xla_cpu_multi_thread_eigen=false" in os.environ["XLA_FLAGS"]
