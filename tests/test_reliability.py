@@ -248,3 +248,25 @@ def test_checkpoint_interval_chunking_and_resume_change_no_number(tmp_path, refe
   # train_loss is a mean over the chunk, so it depends on the chunk; nothing else does
   strip = lambda r: {k: v for k, v in r.items() if k != "train_loss"}
   assert records == want_records[:-1] and strip(new[-1]) == strip(want_records[-1])
+
+
+def test_a_checkpoint_resumes_on_another_device_count(tmp_path, reference):
+  """`devices: auto` may resolve differently on the machine that resumes: the unsharded
+  reference's checkpoint, resumed on 3 devices (6 nodes, 4 test devices), ends with the same
+  messages and clocks and parameters equal to float32 rounding (sharding is a layout)."""
+  other = config.load(None, LONG + ["devices=auto"])
+  sim = simulate.build(other)
+  assert sim.mesh is not None and sim.mesh.size == 3
+  copy = tmp_path / "copy"
+  shutil.copytree(reference, copy)
+  ckpt = checkpoint.Checkpointer(copy, jax.eval_shape(sim.engine.init, sim.run_key))
+  state, records = ckpt.restore(tick=TOTAL - 8)
+  summary, final = simulate.run(other, sim=sim, resume=(state, records))
+  assert summary["status"] == "completed" and summary["devices"] == 3
+  _, want, _ = checkpoint.read(reference)
+  got = checkpoint.flatten(jax.device_get(final))
+  for k in want:
+    if np.issubdtype(want[k].dtype, np.floating):
+      np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    else:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=k)
