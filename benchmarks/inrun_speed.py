@@ -6,11 +6,11 @@
 Builds the simulation exactly as `divjax run` does (the config, with n_nodes, devices and
 data.dir overridden), compiles one chunk of --ticks ticks ahead of time and times --repeats
 calls of it, carrying the state from call to call as the run does. Every node's local step
-is computed on every tick (with compute stragglers, a slow node's step is masked on the ticks
-it is busy, and still counted here), so samples/s = N * ticks * batch / wall. The chunk includes everything a run's
-chunk does: minibatch sampling, the local steps and, unless --local-only, the algorithm's
-communication (round ends, fragment routing, the network model). Evaluation and checkpoints
-are outside chunks and not timed.
+is computed on every tick (with compute stragglers, a slow node's step is masked on the
+ticks it is busy, and still counted here), so samples/s = N * ticks * batch / wall. The
+chunk includes everything a run's chunk does: minibatch sampling, the local steps and,
+unless --local-only, the algorithm's communication (round ends, fragment routing, the
+network model). Evaluation and checkpoints are outside chunks and not timed.
 """
 
 from __future__ import annotations
