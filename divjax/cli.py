@@ -10,7 +10,8 @@ fails before anything is compiled or written; an existing, non-empty DIR is refu
 Long runs: `--resume DIR` continues a run stopped at any moment (Ctrl-C, SIGTERM, SIGKILL, a
 crash) from its newest complete checkpoint and ends with the same metrics.jsonl as an
 uninterrupted run. A first Ctrl-C or SIGTERM stops at the next evaluation boundary and writes
-a checkpoint; a second one aborts at once.
+a checkpoint; a second one aborts at once. `--resume DIR --set duration_s=T` with a longer T
+extends a run (finished or not) to T simulated seconds, ending exactly as a run started with T.
 
 Exit codes: 0 completed, 1 failed (an exception; summary.json says which), 2 bad input,
 3 diverged (NaN/Inf in parameters or training loss), 128 + signal number when interrupted
@@ -78,15 +79,16 @@ def _load(path, overrides) -> config_lib.Config:
     raise BadInput(f"config error: {e}") from None
 
 
-def _prepare(args) -> tuple[Path, config_lib.Config, bool]:
-  """(output dir, config, whether a run is there to continue), all input checked."""
+def _prepare(args) -> tuple[Path, config_lib.Config, bool, bool]:
+  """(output dir, config, whether a run is there to continue, whether it is extended to a
+  longer duration_s), all input checked."""
   if not args.resume:
     cfg = _load(args.config, args.set or [])
     out = _out_dir(args, args.config)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
       raise BadInput(f"error: output directory {out} exists and is not empty; choose another --out, "
                      f"pass --force to replace it, or --resume {out} to continue the run in it")
-    return out, cfg, False
+    return out, cfg, False, False
 
   out = Path(args.resume)
   if args.force:
@@ -105,7 +107,7 @@ def _prepare(args) -> tuple[Path, config_lib.Config, bool]:
                      f"(pass the run's CONFIG / --set to start it in {out})")
     if out.exists() and any(p.name != "config.yaml.tmp" for p in out.iterdir()):
       raise BadInput(f"error: --resume {out}: not a divjax run directory (no config.yaml, not empty)")
-    return out, _load(args.config, args.set or []), False
+    return out, _load(args.config, args.set or []), False, False
   try:
     saved = config_lib.load(saved_path)
   except config_lib.ConfigError as e:
@@ -114,12 +116,16 @@ def _prepare(args) -> tuple[Path, config_lib.Config, bool]:
     given = _load(args.config, args.set or [])
   else:
     given = _load(saved_path, args.set or [])  # --set alone: on top of the run's own config
-  diff = _differences(config_lib.to_dict(saved), config_lib.to_dict(given))
+  was, now = config_lib.to_dict(saved), config_lib.to_dict(given)
+  # The one change a resumed run accepts: a longer duration_s, which only moves the end (and
+  # the default checkpoint interval); nothing simulated before the old end depends on it.
+  extend = now["duration_s"] > was["duration_s"]
+  diff = _differences({**was, "duration_s": now["duration_s"]} if extend else was, now)
   if diff:
     raise BadInput(f"error: --resume {out}: the configuration differs from the run's config.yaml at "
-                   f"{'; '.join(diff)}. A resumed run keeps its configuration; start a new run "
-                   f"(--out) to change it")
-  return out, saved, True
+                   f"{'; '.join(diff)}. A resumed run keeps its configuration (only a longer "
+                   f"duration_s extends it); start a new run (--out) to change it")
+  return out, given if extend else saved, True, extend
 
 
 class _StopOnSignal:
@@ -154,7 +160,7 @@ class _StopOnSignal:
 
 def cmd_run(args) -> int:
   try:
-    out, cfg, resuming = _prepare(args)
+    out, cfg, resuming, extend = _prepare(args)
   except BadInput as e:
     print(e, file=sys.stderr)
     return EXIT_BAD_INPUT
@@ -181,15 +187,28 @@ def cmd_run(args) -> int:
       _write_atomic(out / "label_histograms.csv", "\n".join(rows) + "\n")
   ckpt = checkpoint.Checkpointer(out, template=jax.eval_shape(sim.engine.init, sim.run_key))
   resume, records = None, []
-  if resuming and ckpt.latest_tick() is not None:
+  if resuming and ckpt.ticks():
+    # A chunk starts on a round boundary (or is the end): an extended run whose old end fell
+    # mid-round continues from the checkpoint before it.
+    usable = [t for t in ckpt.ticks() if simulate.can_resume_at(cfg, t)]
+    if not usable:
+      last = ckpt.ticks()[-1]
+      ckpt.close()
+      print(f"error: --resume {out}: its only checkpoint (tick {last}) is mid-round, not "
+            f"a multiple of local_steps = {cfg.local_steps}, so the run cannot continue past it; "
+            f"start a new run (--out) with the longer duration_s", file=sys.stderr)
+      return EXIT_BAD_INPUT
     try:
-      resume = ckpt.restore()
+      resume = ckpt.restore(usable[-1])
     except checkpoint.CheckpointError as e:
       print(f"error: --resume {out}: {e}", file=sys.stderr)
       return EXIT_BAD_INPUT
     records = list(resume[1])
     print(f"resuming {out} from tick {records[-1]['tick']} (t = {records[-1]['time_s']:g} s)",
           file=sys.stderr)
+  if extend:  # only now, with everything checked: the run's config becomes the longer one
+    print(f"extending {out} to duration_s = {cfg.duration_s:g}", file=sys.stderr)
+    _write_atomic(out / "config.yaml", config_lib.dump_yaml(cfg))
   # metrics.jsonl holds exactly the records up to the checkpoint: later ones are recomputed
   _write_atomic(out / "metrics.jsonl", "".join(_record_line(r) for r in records))
 
@@ -242,7 +261,8 @@ def main(argv=None) -> int:
   p.add_argument("--out", help="output directory (default runs/<config>_<timestamp>)")
   p.add_argument("--resume", metavar="DIR",
                  help="continue the run in DIR from its newest checkpoint; CONFIG / --set, if given, "
-                      "must not change its config.yaml (a DIR without config.yaml is started afresh)")
+                      "must not change its config.yaml, except a longer duration_s, which extends the run "
+                      "(a DIR without config.yaml is started afresh)")
   p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
   p.add_argument("--quiet", action="store_true", help="no progress bar")
   p.set_defaults(func=cmd_run)
