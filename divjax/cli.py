@@ -188,14 +188,16 @@ def cmd_run(args) -> int:
   ckpt = checkpoint.Checkpointer(out, template=jax.eval_shape(sim.engine.init, sim.run_key))
   resume, records = None, []
   if resuming and ckpt.ticks():
-    # A chunk starts on a round boundary (or is the end): an extended run whose old end fell
-    # mid-round continues from the checkpoint before it.
-    usable = [t for t in ckpt.ticks() if simulate.can_resume_at(cfg, t)]
+    # Continue from an evaluation boundary (or the end): periodic checkpoints are there, and
+    # the records before it are then exactly an uninterrupted run's. Only an extended run's old
+    # end can lie elsewhere; it falls back to the checkpoint before.
+    every = cfg.eval_every_ticks
+    usable = [t for t in ckpt.ticks() if t % every == 0 or t == cfg.n_ticks]
     if not usable:
       last = ckpt.ticks()[-1]
       ckpt.close()
-      print(f"error: --resume {out}: its only checkpoint (tick {last}) is mid-round, not "
-            f"a multiple of local_steps = {cfg.local_steps}, so the run cannot continue past it; "
+      print(f"error: --resume {out}: its only checkpoint (tick {last}, the old end) is not on an "
+            f"evaluation boundary (every {every} ticks), so the run cannot continue from it; "
             f"start a new run (--out) with the longer duration_s", file=sys.stderr)
       return EXIT_BAD_INPUT
     try:

@@ -179,7 +179,9 @@ def run(cfg: Config, *, on_eval: Optional[Callable[[dict], None]] = None,
   t0_wall = time.perf_counter()
   status, divergence = "completed", None
   while tick < total:
-    length = min(every, total - tick)
+    # up to the next evaluation boundary: a run resumed between two (a round boundary) gets
+    # back onto the same evaluation ticks as an uninterrupted run
+    length = min(every - tick % every, total - tick)
     if length not in compiled:
       c0 = time.perf_counter()
       compiled[length] = compile_chunk(sim, state, length)

@@ -273,10 +273,11 @@ def test_a_checkpoint_resumes_on_another_device_count(tmp_path, reference):
 
 
 def test_a_longer_duration_extends_a_run_exactly(tmp_path, capsys):
-  """`--resume DIR --set duration_s=T` with a longer T: a finished run whose end fell mid-round
-  (42 ticks, H = 4) continues from its checkpoint at tick 32 and ends byte-identical to a run
-  started with T. A shorter duration_s, another change beside it, or a run whose only
-  checkpoint is mid-round are refused, leaving the run directory as it was."""
+  """`--resume DIR --set duration_s=T` with a longer T: a finished run whose end (44 ticks) is a
+  round boundary (H = 4) but not an evaluation boundary (every 8) continues from its checkpoint
+  at tick 32 and ends byte-identical to a run started with T. A shorter duration_s, another
+  change beside it, or a run whose only checkpoint is its old end are refused, leaving the run
+  directory as it was."""
   base = TINY + ["eval_every_s=0.08", "checkpoint_every_s=0.16"]  # evaluations every 8 ticks
 
   def run(*args):
@@ -284,12 +285,12 @@ def test_a_longer_duration_extends_a_run_exactly(tmp_path, capsys):
     return rc, capsys.readouterr().err
 
   short, fresh = tmp_path / "short", tmp_path / "fresh"
-  assert run("--set", *base, "duration_s=0.42", "--out", str(short))[0] == 0
+  assert run("--set", *base, "duration_s=0.44", "--out", str(short))[0] == 0
   assert run("--set", *base, "duration_s=0.8", "--out", str(fresh))[0] == 0
-  assert _checkpoint_ticks(short) == [32, 42]
+  assert _checkpoint_ticks(short) == [32, 44]
   before = {p.name: p.read_bytes() for p in short.iterdir() if p.is_file()}
 
-  for extra, needle in ((["duration_s=0.2"], "duration_s (run: 0.42, given: 0.2)"),
+  for extra, needle in ((["duration_s=0.2"], "duration_s (run: 0.44, given: 0.2)"),
                         (["duration_s=0.8", "lr=0.1"], "lr (run: 0.05, given: 0.1)")):
     rc, err = run("--resume", str(short), "--set", *extra)
     assert rc == 2 and needle in err, err
@@ -307,10 +308,10 @@ def test_a_longer_duration_extends_a_run_exactly(tmp_path, capsys):
   for k in xa:
     np.testing.assert_array_equal(xa[k], xb[k], err_msg=k)
 
-  # with checkpoint_every_s=0 the run's only checkpoint is its mid-round end: nothing to extend
+  # with checkpoint_every_s=0 the run's only checkpoint is its (mid-round) end: nothing to extend
   only_end = tmp_path / "only_end"
   assert run("--set", *base, "duration_s=0.42", "checkpoint_every_s=0", "--out", str(only_end))[0] == 0
   saved = (only_end / "config.yaml").read_bytes()
   rc, err = run("--resume", str(only_end), "--set", "duration_s=0.8")
-  assert rc == 2 and "only checkpoint (tick 42) is mid-round" in err, err
+  assert rc == 2 and "only checkpoint (tick 42, the old end) is not on an evaluation boundary" in err, err
   assert (only_end / "config.yaml").read_bytes() == saved
