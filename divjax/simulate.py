@@ -110,12 +110,6 @@ def _divergence(sim: Simulation, state, train_loss: np.ndarray) -> Optional[dict
           "metrics": [m for m, bad in (("params", bad_params.size), ("train_loss", bad_loss)) if bad]}
 
 
-def can_resume_at(cfg: Config, tick: int) -> bool:
-  """Whether a run can continue from a checkpoint at `tick`: chunks start on multiples of H,
-  and a finished run (tick == n_ticks) has nothing left to simulate."""
-  return tick % cfg.local_steps == 0 or tick == cfg.n_ticks
-
-
 def run(cfg: Config, *, on_eval: Optional[Callable[[dict], None]] = None,
         progress: bool = False, sim: Optional[Simulation] = None,
         resume: Optional[tuple] = None,
@@ -162,7 +156,8 @@ def run(cfg: Config, *, on_eval: Optional[Callable[[dict], None]] = None,
     state = sharding.place(state, sim.mesh, cfg.n_nodes)
     records = list(done)
     t = int(state.tick)
-    if not records or records[-1]["tick"] != t or not can_resume_at(cfg, t):
+    # chunks start on multiples of H; a finished run (t == total) has nothing left to simulate
+    if not records or records[-1]["tick"] != t or (t % cfg.local_steps and t != total):
       raise ValueError(f"cannot resume at tick {t}: chunks start on multiples of "
                        f"local_steps = {cfg.local_steps}, after the record of that tick")
   tick = int(state.tick)
