@@ -187,16 +187,16 @@ def cmd_run(args) -> int:
       _write_atomic(out / "label_histograms.csv", "\n".join(rows) + "\n")
   ckpt = checkpoint.Checkpointer(out, template=jax.eval_shape(sim.engine.init, sim.run_key))
   resume, records = None, []
-  if resuming and ckpt.ticks():
+  ticks = ckpt.ticks() if resuming else []
+  if ticks:
     # Continue from an evaluation boundary (or the end): periodic checkpoints are there, and
     # the records before it are then exactly an uninterrupted run's. Only an extended run's old
     # end can lie elsewhere; it falls back to the checkpoint before.
     every = cfg.eval_every_ticks
-    usable = [t for t in ckpt.ticks() if t % every == 0 or t == cfg.n_ticks]
+    usable = [t for t in ticks if t % every == 0 or t == cfg.n_ticks]
     if not usable:
-      last = ckpt.ticks()[-1]
       ckpt.close()
-      print(f"error: --resume {out}: its only checkpoint (tick {last}, the old end) is not on an "
+      print(f"error: --resume {out}: its only checkpoint (tick {ticks[-1]}, the old end) is not on an "
             f"evaluation boundary (every {every} ticks), so the run cannot continue from it; "
             f"start a new run (--out) with the longer duration_s", file=sys.stderr)
       return EXIT_BAD_INPUT
