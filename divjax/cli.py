@@ -237,7 +237,8 @@ def cmd_run(args) -> int:
     summary.update(status=status, error=error)
   _write_atomic(out / "summary.json", json.dumps(summary, indent=2, default=_json_default))
   if records:
-    plots.plot_run(records, out / "metrics.png", title=f"{cfg.algorithm}, n={cfg.n_nodes}")
+    plots.plot_run(records, out / "metrics.png", title=f"{cfg.algorithm}, n={cfg.n_nodes}",
+                   kind=sim.task.kind, baseline=sim.task.baseline)
   final = summary.get("final", {})
   print(f"{status}: {out}  acc_mean={final.get('acc_mean', float('nan')):.4f}  "
         f"time_to_target_s={summary.get('time_to_target_s')}")

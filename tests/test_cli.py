@@ -46,3 +46,20 @@ def test_existing_output_is_not_overwritten(tmp_path, capsys):
   assert rc != 0
   assert (out / "precious.txt").read_text() == "keep me"
   assert "exists" in capsys.readouterr().err
+
+
+def test_the_figure_shows_rmse_and_its_bar_for_a_regression_task():
+  from divjax import plots
+  recs = [{"time_s": t, "acc_mean": 0.1, "acc_min": 0.0, "acc_max": 0.2, "loss_mean": l,
+           "acc_avg_model": None} for t, l in ((0.0, 1.04), (8.0, 0.98), (16.0, 0.95))]
+  fig = plots.figure(recs, kind="regression", baseline={"predictor": "global_mean", "loss": 1.0445})
+  _, ax_loss = fig.axes
+  assert ax_loss.get_ylabel() == "test RMSE" and ax_loss.get_yscale() == "linear"
+  bars = [line for line in ax_loss.get_lines() if list(line.get_ydata()) == [1.0445, 1.0445]]
+  assert len(bars) == 1 and bars[0].get_label() == "global_mean predictor"
+  plots.plt.close(fig)
+  fig = plots.figure(recs)  # classification: accuracy and a log-scale loss, no bar
+  ax_acc, ax_loss = fig.axes
+  assert ax_acc.get_ylabel() == "test accuracy" and ax_loss.get_yscale() == "log"
+  assert len(ax_loss.get_lines()) == 1
+  plots.plt.close(fig)
