@@ -37,9 +37,8 @@ def figure(records: list[dict], title: str = "", kind: str = "classification",
   ax_loss.plot(t, [r["loss_mean"] for r in records], label="mean over nodes")
   if regression:
     ax_loss.set(xlabel="simulated time (s)", ylabel="test RMSE")
-    if baseline is not None and baseline.get("loss") is not None:
-      ax_loss.axhline(baseline["loss"], color="grey", ls=":",
-                      label=f"{baseline.get('predictor', 'baseline')} predictor")
+    if baseline:  # tasks.Task.baseline: {"predictor": ..., "loss": its RMSE, ...}
+      ax_loss.axhline(baseline["loss"], color="grey", ls=":", label=f"{baseline['predictor']} predictor")
     ax_loss.legend(loc="upper right", fontsize=8)
   else:
     ax_loss.set(xlabel="simulated time (s)", ylabel="test loss")
