@@ -161,7 +161,7 @@ def run(cfg: Config, *, on_eval: Optional[Callable[[dict], None]] = None,
       raise ValueError(f"cannot resume at tick {t}: chunks start on multiples of "
                        f"local_steps = {cfg.local_steps}, after the record of that tick")
   tick = int(state.tick)
-  steps0 = int(np.sum(jax.device_get(state.steps)))
+  steps0 = steps_done = int(np.sum(jax.device_get(state.steps)))
 
   bar = None
   if progress:
@@ -170,6 +170,7 @@ def run(cfg: Config, *, on_eval: Optional[Callable[[dict], None]] = None,
                unit="sim-s", dynamic_ncols=True)
 
   compile_s, run_s = 0.0, 0.0
+  chunk_speeds = []  # node-steps per wall second of each chunk: shows a host's slow stretches
   compiled = {}
   t0_wall = time.perf_counter()
   status, divergence = "completed", None
@@ -184,7 +185,11 @@ def run(cfg: Config, *, on_eval: Optional[Callable[[dict], None]] = None,
     c1 = time.perf_counter()
     state, metrics = compiled[length](state, sim.run_key, sim.hyper)
     jax.block_until_ready(state.params)
-    run_s += time.perf_counter() - c1
+    chunk_s = time.perf_counter() - c1
+    run_s += chunk_s
+    steps_now = int(np.sum(jax.device_get(state.steps)))
+    chunk_speeds.append(round((steps_now - steps_done) / chunk_s, 2) if chunk_s > 0 else None)
+    steps_done = steps_now
     tick += length
     train_loss = np.asarray(jax.device_get(metrics["train_loss"]))
     divergence = _divergence(sim, state, train_loss)
@@ -206,7 +211,7 @@ def run(cfg: Config, *, on_eval: Optional[Callable[[dict], None]] = None,
   if bar is not None:
     bar.close()
 
-  steps = int(np.sum(jax.device_get(state.steps))) - steps0
+  steps = steps_done - steps0
   summary = summarize(cfg, records, extra={
       "n_params": sim.task.n_params,
       "ring_depth": sim.engine.depth,
@@ -215,6 +220,7 @@ def run(cfg: Config, *, on_eval: Optional[Callable[[dict], None]] = None,
       "wall_s": time.perf_counter() - t0_wall,
       "compile_s": compile_s,
       "node_steps_per_s": steps / run_s if run_s > 0 else None,
+      "chunk_node_steps_per_s": chunk_speeds,
       "device": jax.devices()[0].device_kind,
       "devices": sim.mesh.size if sim.mesh is not None else 1,  # `devices: auto` resolved
   })

@@ -26,6 +26,8 @@ def test_run_writes_outputs(tmp_path):
   for key in ("final", "time_to_target_s", "n_params", "wall_s", "compile_s", "node_steps_per_s", "device"):
     assert key in summary
   assert summary["n_params"] == 122
+  speeds = summary["chunk_node_steps_per_s"]  # one per chunk (5 evaluation intervals)
+  assert len(speeds) == len(records) - 1 and all(v > 0 for v in speeds)
   resolved = yaml.safe_load((out / "config.yaml").read_text())
   assert resolved["n_nodes"] == 6 and resolved["network"]["latency_ms"] == 3
 
