@@ -2,48 +2,66 @@
 
 DIR receives config.yaml (fully resolved), label_histograms.csv (classification tasks),
 metrics.jsonl (one record per evaluation, the
-first at time 0), summary.json, metrics.png and checkpoints/ (divjax.checkpoint). Bad input
-(config, --set, data or checkpoint directories, a run too big for the device's memory)
-fails before anything is compiled or written; an existing, non-empty DIR is refused unless
---force is given.
+first at time 0), summary.json, metrics.png, checkpoints/ (divjax.checkpoint) and the marker
+and lock file .divjax-run (divjax.rundir). Bad input (config, --set, data, output or
+checkpoint directories, a run too big for the device's memory) fails before anything is
+compiled or written; an existing, non-empty DIR is refused unless --force is given, and
+--force replaces only a directory divjax created (one holding .divjax-run). A directory
+another run is using (locked) is refused.
 
 Long runs: `--resume DIR` continues a run stopped at any moment (Ctrl-C, SIGTERM, SIGKILL, a
-crash) from its newest complete checkpoint and ends with the same metrics.jsonl as an
-uninterrupted run. A first Ctrl-C or SIGTERM stops at the next evaluation boundary and writes
+crash) from its newest intact checkpoint and ends with the same metrics.jsonl as an
+uninterrupted run; a corrupt checkpoint (failing its checksums) is reported and the previous
+one used. A first Ctrl-C or SIGTERM stops at the next evaluation boundary and writes
 a checkpoint; a second one aborts at once. `--resume DIR --set duration_s=T` with a longer T
 extends a run (finished or not) to T simulated seconds, ending exactly as a run started with T.
-
-Exit codes: 0 completed, 1 failed (an exception; summary.json says which), 2 bad input,
-3 diverged (NaN/Inf in parameters or training loss), 128 + signal number when interrupted
-(130 for Ctrl-C, 143 for SIGTERM).
+Resuming a run that has completed changes nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
-import shutil
 import signal
 import sys
 import traceback
 from pathlib import Path
 
-from divjax import config as config_lib
+from divjax import rundir
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DIVERGED = 0, 1, 2, 3
 
+EXIT_CODES = """\
+exit codes:
+  0    completed (also: --resume of a run that had already completed, which changes nothing)
+  1    failed during the run, e.g. a checkpoint could not be written on a full disk
+       (summary.json says why; the records so far are kept)
+  2    bad input, refused before anything is compiled or written: config or --set, data,
+       an output path that is a file, under a file or not writable, a non-empty --out without
+       --force, --force on a directory divjax did not create, a run directory another run
+       holds (locked), a --resume whose config.yaml differs from its checkpoints', or
+       whose checkpoints are all corrupt, a run too big for memory
+  3    diverged (NaN/Inf in parameters or training loss; summary.json says where)
+  130  interrupted by Ctrl-C (SIGINT); 143 by SIGTERM (128 + the signal number)
+"""
 
 class BadInput(Exception):
   """Refused before anything is compiled or written (exit code 2)."""
 
 
-def _out_dir(args, cfg_path: str | None) -> Path:
+def _timestamp() -> str:
+  return f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
+
+
+def _out_dir(args, cfg_path: str | None) -> tuple[Path, bool]:
+  """(output directory, whether it is a default name, to be made unique when created)."""
   if args.out:
-    return Path(args.out)
+    return Path(args.out), False
   stem = Path(cfg_path).stem if cfg_path else "default"
-  return Path("runs") / f"{stem}_{datetime.datetime.now():%Y%m%d-%H%M%S}"
+  return Path("runs") / rundir.default_name(stem, args.set or [], _timestamp()), True
 
 
 def _json_default(x):
@@ -72,23 +90,25 @@ def _differences(a, b, prefix="") -> list[str]:
   return [] if a == b else [f"{prefix[:-1]} (run: {a!r}, given: {b!r})"]
 
 
-def _load(path, overrides) -> config_lib.Config:
+def _load(path, overrides):
+  from divjax import config as config_lib  # imported here: a Ctrl-C at start-up exits cleanly (main)
   try:
     return config_lib.load(path, overrides)
   except config_lib.ConfigError as e:
     raise BadInput(f"config error: {e}") from None
 
 
-def _prepare(args) -> tuple[Path, config_lib.Config, bool, bool]:
+def _prepare(args, hold: contextlib.ExitStack):
   """(output dir, config, whether a run is there to continue, whether it is extended to a
-  longer duration_s), all input checked."""
+  longer duration_s, whether the dir is a default name), all input checked. A run directory
+  to continue is locked here (the lock goes into `hold`)."""
+  from divjax import config as config_lib
   if not args.resume:
     cfg = _load(args.config, args.set or [])
-    out = _out_dir(args, args.config)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
-      raise BadInput(f"error: output directory {out} exists and is not empty; choose another --out, "
-                     f"pass --force to replace it, or --resume {out} to continue the run in it")
-    return out, cfg, False, False
+    out, unique = _out_dir(args, args.config)
+    if not unique:
+      rundir.check_target(out, args.force)
+    return out, cfg, False, False, unique
 
   out = Path(args.resume)
   if args.force:
@@ -105,9 +125,13 @@ def _prepare(args) -> tuple[Path, config_lib.Config, bool, bool]:
     if not (args.config or args.set):
       raise BadInput(f"error: --resume {out}: no config.yaml there, so no run to continue "
                      f"(pass the run's CONFIG / --set to start it in {out})")
-    if out.exists() and any(p.name != "config.yaml.tmp" for p in out.iterdir()):
+    if out.exists() and rundir.contents(out):
       raise BadInput(f"error: --resume {out}: not a divjax run directory (no config.yaml, not empty)")
-    return out, _load(args.config, args.set or []), False, False
+    cfg = _load(args.config, args.set or [])
+    rundir.check_target(out, force=False, option="--resume")
+    return out, cfg, False, False, False
+  # Before reading anything: no other run may change the directory from here on
+  hold.enter_context(rundir.claim(out))
   try:
     saved = config_lib.load(saved_path)
   except config_lib.ConfigError as e:
@@ -125,7 +149,7 @@ def _prepare(args) -> tuple[Path, config_lib.Config, bool, bool]:
     raise BadInput(f"error: --resume {out}: the configuration differs from the run's config.yaml at "
                    f"{'; '.join(diff)}. A resumed run keeps its configuration (only a longer "
                    f"duration_s extends it); start a new run (--out) to change it")
-  return out, given if extend else saved, True, extend
+  return out, given if extend else saved, True, extend, False
 
 
 class _StopOnSignal:
@@ -158,15 +182,79 @@ class _StopOnSignal:
     return self.signum is not None
 
 
-def cmd_run(args) -> int:
-  try:
-    out, cfg, resuming, extend = _prepare(args)
-  except BadInput as e:
-    print(e, file=sys.stderr)
-    return EXIT_BAD_INPUT
+def _restore(ckpt, out: Path, cfg):
+  """(tick, (state, records)) of the newest intact checkpoint on an evaluation boundary. A
+  corrupt newer one is reported, and moved aside once an older one restored (the run then
+  writes its tick again). Raises BadInput if none can be used."""
+  from divjax import checkpoint
+  # Continue from an evaluation boundary (or the end): periodic checkpoints are there, and
+  # the records before it are then exactly an uninterrupted run's. Only an extended run's old
+  # end can lie elsewhere; it falls back to the checkpoint before.
+  ticks, every = ckpt.ticks(), cfg.eval_every_ticks
+  usable = [t for t in ticks if t % every == 0 or t == cfg.n_ticks]
+  if not usable:
+    raise BadInput(f"error: --resume {out}: its only checkpoint (tick {ticks[-1]}, the old end) is not on an "
+                   f"evaluation boundary (every {every} ticks), so the run cannot continue from it; "
+                   f"start a new run (--out) with the longer duration_s")
+  corrupt = []
+  for tick in reversed(usable):
+    try:
+      resume = ckpt.restore(tick)
+    except checkpoint.CorruptCheckpoint as e:
+      print(f"warning: --resume {out}: {e}", file=sys.stderr)
+      corrupt.append(tick)
+      continue
+    except checkpoint.CheckpointError as e:  # intact, but not this run's: no older one is
+      raise BadInput(f"error: --resume {out}: {e}") from None
+    if tick in ckpt.unverified:
+      print(f"warning: --resume {out}: the checkpoint at tick {tick} has no checksums (written by an "
+            f"older divjax): its contents and configuration are not verified", file=sys.stderr)
+    for bad in corrupt:
+      where = ckpt.set_aside(bad)
+      print(f"falling back to the intact checkpoint at tick {tick}; the corrupt one (tick {bad}) "
+            f"was moved to {where}", file=sys.stderr)
+    return tick, resume
+  raise BadInput(f"error: --resume {out}: no intact checkpoint (corrupt at ticks "
+                 f"{', '.join(map(str, corrupt))}), so the run cannot continue; start it again "
+                 f"(--force replaces the run directory)")
 
+
+def _close_quietly(ckpt) -> None:
+  try:  # after a failed write (a full disk) orbax may fail again here; the run has reported it
+    ckpt.close()
+  except Exception:
+    pass
+
+
+def _completed(out: Path) -> dict | None:
+  """The run's summary if it says the run completed."""
+  try:
+    summary = json.loads((out / "summary.json").read_text())
+  except (OSError, ValueError):
+    return None
+  return summary if isinstance(summary, dict) and summary.get("status") == "completed" else None
+
+
+def _status_line(status: str, out: Path, summary: dict) -> str:
+  final = summary.get("final", {})
+  return (f"{status}: {out}  acc_mean={final.get('acc_mean', float('nan')):.4f}  "
+          f"time_to_target_s={summary.get('time_to_target_s')}")
+
+
+def cmd_run(args) -> int:
+  with contextlib.ExitStack() as hold:  # the run directory's lock, released however this ends
+    try:
+      out, cfg, resuming, extend, unique = _prepare(args, hold)
+    except (BadInput, rundir.RunDirError) as e:
+      print(e, file=sys.stderr)
+      return EXIT_BAD_INPUT
+    return _run(args, hold, out, cfg, resuming, extend, unique)
+
+
+def _run(args, hold, out: Path, cfg, resuming: bool, extend: bool, unique: bool) -> int:
+  from divjax import config as config_lib
   import jax  # heavy imports only once the input is known good
-  from divjax import checkpoint, memory, plots, sharding, simulate
+  from divjax import checkpoint, memory, sharding, simulate
   sharding.request_cpu_devices(cfg.devices, cfg.n_nodes)  # before anything starts the backend
   try:
     sim = simulate.build(cfg)
@@ -176,35 +264,34 @@ def cmd_run(args) -> int:
     return EXIT_BAD_INPUT
 
   if not resuming:
-    if out.exists() and args.force:
-      shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:  # creates (or with --force replaces) and locks it; unique: a fresh default name
+      out, lock = rundir.create(out, force=args.force, unique=unique)
+    except rundir.RunDirError as e:
+      print(e, file=sys.stderr)
+      return EXIT_BAD_INPUT
+    hold.enter_context(lock)
     _write_atomic(out / "config.yaml", config_lib.dump_yaml(cfg))
     if sim.task.label_hist is not None:  # who holds which classes: node, then one column per class
       hist = sim.task.label_hist
       rows = ["node," + ",".join(f"class_{c}" for c in range(hist.shape[1]))]
       rows += [f"{i}," + ",".join(str(int(v)) for v in row) for i, row in enumerate(hist)]
       _write_atomic(out / "label_histograms.csv", "\n".join(rows) + "\n")
-  ckpt = checkpoint.Checkpointer(out, template=jax.eval_shape(sim.engine.init, sim.run_key))
+  ckpt = checkpoint.Checkpointer(out, template=jax.eval_shape(sim.engine.init, sim.run_key),
+                                 config=config_lib.to_dict(cfg))
+  hold.callback(_close_quietly, ckpt)
   resume, records = None, []
-  ticks = ckpt.ticks() if resuming else []
-  if ticks:
-    # Continue from an evaluation boundary (or the end): periodic checkpoints are there, and
-    # the records before it are then exactly an uninterrupted run's. Only an extended run's old
-    # end can lie elsewhere; it falls back to the checkpoint before.
-    every = cfg.eval_every_ticks
-    usable = [t for t in ticks if t % every == 0 or t == cfg.n_ticks]
-    if not usable:
-      ckpt.close()
-      print(f"error: --resume {out}: its only checkpoint (tick {ticks[-1]}, the old end) is not on an "
-            f"evaluation boundary (every {every} ticks), so the run cannot continue from it; "
-            f"start a new run (--out) with the longer duration_s", file=sys.stderr)
-      return EXIT_BAD_INPUT
+  if resuming and ckpt.ticks():
     try:
-      resume = ckpt.restore(usable[-1])
-    except checkpoint.CheckpointError as e:
-      print(f"error: --resume {out}: {e}", file=sys.stderr)
+      tick, resume = _restore(ckpt, out, cfg)
+    except BadInput as e:
+      print(e, file=sys.stderr)
       return EXIT_BAD_INPUT
+    done = _completed(out) if tick == cfg.n_ticks and not extend else None
+    if done is not None:  # nothing to do: its files (summary timings included) stay as they are
+      print(f"{out}: the run has already completed (tick {tick}); nothing was changed "
+            f"(--set duration_s=T with a longer T extends it)", file=sys.stderr)
+      print(_status_line("completed", out, done))
+      return EXIT_OK
     records = list(resume[1])
     print(f"resuming {out} from tick {records[-1]['tick']} (t = {records[-1]['time_s']:g} s)",
           file=sys.stderr)
@@ -228,20 +315,29 @@ def cmd_run(args) -> int:
       status = summary["status"]
     except KeyboardInterrupt:
       status, error = "interrupted", "aborted by a second signal: resume from the last checkpoint"
+    except checkpoint.CheckpointWriteError as e:  # e.g. a full disk: one line, not orbax's tracebacks
+      status, error = "failed", f"error: {e}"
     except Exception as e:  # keep what was written, record why it stopped
       status, error = "failed", "".join(traceback.format_exception_only(e)).strip()
     signum = stop.signum or (signal.SIGINT if status == "interrupted" else None)
-  ckpt.close()
   if summary is None:
     summary = simulate.summarize(cfg, records, extra={"memory": mem}) if records else {}
     summary.update(status=status, error=error)
-  _write_atomic(out / "summary.json", json.dumps(summary, indent=2, default=_json_default))
-  if records:
-    plots.plot_run(records, out / "metrics.png", title=f"{cfg.algorithm}, n={cfg.n_nodes}",
-                   kind=sim.task.kind, baseline=sim.task.baseline)
-  final = summary.get("final", {})
-  print(f"{status}: {out}  acc_mean={final.get('acc_mean', float('nan')):.4f}  "
-        f"time_to_target_s={summary.get('time_to_target_s')}")
+  return _finish(out, cfg, sim, records, summary, status, error, signum)
+
+
+def _finish(out: Path, cfg, sim, records, summary, status, error, signum) -> int:
+  """Writes summary.json and the figure, reports, and returns the exit code."""
+  from divjax import plots
+  try:
+    _write_atomic(out / "summary.json", json.dumps(summary, indent=2, default=_json_default))
+    if records:
+      plots.plot_run(records, out / "metrics.png", title=f"{cfg.algorithm}, n={cfg.n_nodes}",
+                     kind=sim.task.kind, baseline=sim.task.baseline)
+  except OSError as e:  # a full disk: the records and checkpoints written so far remain
+    print(f"error: cannot write into {out}: {e.strerror or e}", file=sys.stderr)
+    status = "failed" if status == "completed" else status
+  print(_status_line(status, out, summary))
   if error:
     print(error, file=sys.stderr)
   if status == "diverged":
@@ -255,18 +351,35 @@ def cmd_run(args) -> int:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="divjax", description=__doc__.splitlines()[0])
+  try:
+    return _main(argv)
+  except KeyboardInterrupt:  # Ctrl-C before the run loop (imports, building, compiling)
+    print("\ninterrupted (Ctrl-C)", file=sys.stderr)
+    return 128 + signal.SIGINT
+  except OSError as e:  # e.g. a full disk while writing a run's first files: one line, no traceback
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _main(argv) -> int:
+  parser = argparse.ArgumentParser(prog="divjax", description=__doc__.splitlines()[0],
+                                   epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
-  p = sub.add_parser("run", help="run one simulation (or continue one with --resume)")
+  p = sub.add_parser("run", help="run one simulation (or continue one with --resume)",
+                     description="Run one simulation, or continue one with --resume.",
+                     epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("config", nargs="?", help="YAML config file (defaults if omitted)")
   p.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE",
                  help="dotted overrides, e.g. --set n_nodes=32 network.upload_mbps=30")
-  p.add_argument("--out", help="output directory (default runs/<config>_<timestamp>)")
+  p.add_argument("--out", help="output directory (default runs/<config>_<--set keys>_<timestamp>, "
+                               "with -2, -3, ... if that name is taken)")
   p.add_argument("--resume", metavar="DIR",
                  help="continue the run in DIR from its newest checkpoint; CONFIG / --set, if given, "
                       "must not change its config.yaml, except a longer duration_s, which extends the run "
                       "(a DIR without config.yaml is started afresh)")
-  p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+  p.add_argument("--force", action="store_true",
+                 help="replace a non-empty output directory, if divjax created it (it holds .divjax-run) "
+                      "and no run is using it; never the current directory or one containing it")
   p.add_argument("--quiet", action="store_true", help="no progress bar")
   p.set_defaults(func=cmd_run)
   args = parser.parse_args(argv)

@@ -11,7 +11,7 @@ def test_run_writes_outputs(tmp_path):
   rc = cli.main(["run", "--set", *TINY, "target=0.01", "--out", str(out), "--quiet"])
   assert rc == 0
   names = sorted(p.name for p in out.iterdir())
-  assert names == ["checkpoints", "config.yaml", "label_histograms.csv", "metrics.jsonl", "metrics.png",
+  assert names == [".divjax-run", "checkpoints", "config.yaml", "label_histograms.csv", "metrics.jsonl", "metrics.png",
                    "summary.json"]
   hist = (out / "label_histograms.csv").read_text().splitlines()
   assert hist[0].startswith("node,class_0") and len(hist) == 1 + 6
