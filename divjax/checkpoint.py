@@ -231,7 +231,7 @@ class Checkpointer:
       self._mgr.wait_until_finished()
     except Exception as e:  # orbax wraps the OS error (e.g. a full disk) in its own exceptions
       raise CheckpointWriteError(f"could not write the checkpoint at tick {tick} into {self.directory}: "
-                                 f"{_write_error_reason(e)} (the previous checkpoint is intact)") from None
+                                 f"{_write_error_reason(e)} (checkpoints written before it are intact)") from None
     return tick
 
   def restore(self, tick: Optional[int] = None):

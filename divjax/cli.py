@@ -154,7 +154,12 @@ def _prepare(args, hold: contextlib.ExitStack):
 
 class _StopOnSignal:
   """First SIGINT / SIGTERM: ask the driver to stop at the next evaluation boundary (it writes
-  a checkpoint). A second one raises KeyboardInterrupt at once (the last checkpoint remains)."""
+  a checkpoint), or, before the run loop, once the simulation is built (nothing written). A
+  second one raises KeyboardInterrupt at once (the last checkpoint remains).
+
+  Installed before the heavy imports: a KeyboardInterrupt raised by Python's own handler can
+  land in a callback (jax's garbage-collection hook) that swallows it with a traceback, and
+  the run would go on; a flag cannot be lost."""
 
   def __init__(self):
     self.signum = None
@@ -175,8 +180,8 @@ class _StopOnSignal:
     if self.signum is not None:
       raise KeyboardInterrupt
     self.signum = signum
-    print(f"\n{signal.Signals(signum).name}: stopping at the next evaluation boundary and writing "
-          f"a checkpoint (send it again to abort at once)", file=sys.stderr, flush=True)
+    print(f"\n{signal.Signals(signum).name}: stopping (once running: at the next evaluation boundary, "
+          f"writing a checkpoint); send it again to abort at once", file=sys.stderr, flush=True)
 
   def requested(self) -> bool:
     return self.signum is not None
@@ -242,16 +247,19 @@ def _status_line(status: str, out: Path, summary: dict) -> str:
 
 
 def cmd_run(args) -> int:
-  with contextlib.ExitStack() as hold:  # the run directory's lock, released however this ends
+  # the signal handler from the start (the config may import jax); the run directory's lock,
+  # released however this ends
+  with contextlib.ExitStack() as hold:
+    stop = hold.enter_context(_StopOnSignal())
     try:
       out, cfg, resuming, extend, unique = _prepare(args, hold)
     except (BadInput, rundir.RunDirError) as e:
       print(e, file=sys.stderr)
       return EXIT_BAD_INPUT
-    return _run(args, hold, out, cfg, resuming, extend, unique)
+    return _run(args, hold, stop, out, cfg, resuming, extend, unique)
 
 
-def _run(args, hold, out: Path, cfg, resuming: bool, extend: bool, unique: bool) -> int:
+def _run(args, hold, stop, out: Path, cfg, resuming: bool, extend: bool, unique: bool) -> int:
   from divjax import config as config_lib
   import jax  # heavy imports only once the input is known good
   from divjax import checkpoint, memory, sharding, simulate
@@ -262,6 +270,9 @@ def _run(args, hold, out: Path, cfg, resuming: bool, extend: bool, unique: bool)
   except (config_lib.ConfigError, ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return EXIT_BAD_INPUT
+  if stop.requested():  # Ctrl-C / SIGTERM while importing or building
+    print("interrupted before the run started; nothing was written", file=sys.stderr)
+    return 128 + int(stop.signum)
 
   if not resuming:
     try:  # creates (or with --force replaces) and locks it; unique: a fresh default name
@@ -302,7 +313,7 @@ def _run(args, hold, out: Path, cfg, resuming: bool, extend: bool, unique: bool)
   _write_atomic(out / "metrics.jsonl", "".join(_record_line(r) for r in records))
 
   status, error, summary, signum = "completed", None, None, None
-  with open(out / "metrics.jsonl", "a") as mf, _StopOnSignal() as stop:
+  with open(out / "metrics.jsonl", "a") as mf:
     def on_eval(rec):
       records.append(rec)
       mf.write(_record_line(rec))

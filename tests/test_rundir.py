@@ -4,6 +4,7 @@ the run loop, and the exit codes in --help. In-process; all but the first are re
 anything is built."""
 
 import os
+import signal
 import threading
 
 import pytest
@@ -154,10 +155,21 @@ def test_output_paths_that_cannot_be_written_are_refused(tmp_path, capsys, no_bu
 
 
 def test_ctrl_c_before_the_run_loop_exits_130_without_a_traceback(tmp_path, monkeypatch, capsys):
-  def build(cfg):
-    raise KeyboardInterrupt
-  monkeypatch.setattr(simulate, "build", build)
+  build = simulate.build
+
+  def interrupted_build(cfg):  # Ctrl-C while building: the run stops once it is built
+    os.kill(os.getpid(), signal.SIGINT)
+    return build(cfg)
+  monkeypatch.setattr(simulate, "build", interrupted_build)
   out = tmp_path / "run"
+  assert cli.main(["run", "--set", *TINY, "--out", str(out), "--quiet"]) == 130
+  err = capsys.readouterr().err
+  assert "interrupted before the run started; nothing was written" in err and "Traceback" not in err, err
+  assert not out.exists()
+
+  def aborted_build(cfg):  # a KeyboardInterrupt (a second Ctrl-C) anywhere before the loop
+    raise KeyboardInterrupt
+  monkeypatch.setattr(simulate, "build", aborted_build)
   assert cli.main(["run", "--set", *TINY, "--out", str(out), "--quiet"]) == 130
   err = capsys.readouterr().err
   assert "interrupted" in err and "Traceback" not in err, err
