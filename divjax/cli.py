@@ -385,7 +385,7 @@ def _main(argv) -> int:
   p.add_argument("--out", help="output directory (default runs/<config>_<--set keys>_<timestamp>, "
                                "with -2, -3, ... if that name is taken)")
   p.add_argument("--resume", metavar="DIR",
-                 help="continue the run in DIR from its newest checkpoint; CONFIG / --set, if given, "
+                 help="continue the run in DIR from its newest intact checkpoint; CONFIG / --set, if given, "
                       "must not change its config.yaml, except a longer duration_s, which extends the run "
                       "(a DIR without config.yaml is started afresh)")
   p.add_argument("--force", action="store_true",
