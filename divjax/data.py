@@ -2,8 +2,8 @@
 
 Sources, tried in this order by `load`:
 
-1. `data_dir`, a directory of `.npz` archives in the layout of the project's `shared/data`
-   (see its README.md for provenance and checksums):
+1. `data_dir` (the config key `data.dir`), a directory of `.npz` archives laid out as
+   follows (the files may also hold other arrays; only numeric arrays, no object arrays):
 
      cifar10.npz                    x_train (50000, 32, 32, 3) uint8 HWC RGB, y_train (50000,),
                                     x_test (10000, 32, 32, 3) uint8, y_test (10000,)
@@ -14,7 +14,8 @@ Sources, tried in this order by `load`:
                                     rating; n_users, n_items (scalars)
      movielens_ml-100k.npz          the same arrays for MovieLens 100K
 
-   Other arrays in a file (movie_id, timestamp) are ignored.
+   Other arrays in a file (movie_id, timestamp) are ignored. A file that cannot be read
+   (truncated, corrupted, object arrays, wrong shapes or types) gives a `DataError` naming it.
 2. tensorflow_datasets, when it can be imported (it downloads on first use, so it needs
    internet the first time).
 3. Otherwise a `DataError` that says how to provide either.
@@ -64,6 +65,26 @@ _SOURCES = {
 NAMES = tuple(_SOURCES)
 
 
+def image_shape(name: str) -> Optional[tuple]:
+  """(H, W, C) of one image of dataset `name`, or None for a rating dataset or unknown name."""
+  return _SOURCES[name][2] if name in _SOURCES else None
+
+
+def rating_counts(name: str, data_dir: Optional[str]) -> Optional[tuple[int, int]]:
+  """(n_users, n_items) of rating dataset `name` as its file in data_dir records them, read
+  without loading the ratings; None when there is no such file or it cannot be read (`load`
+  then says why)."""
+  if name not in _SOURCES or _SOURCES[name][2] is not None or data_dir is None:
+    return None
+  path = os.path.join(os.path.expanduser(os.fspath(data_dir)), _SOURCES[name][0])
+  try:
+    with open(path, "rb") as f, np.load(f) as archive:
+      return (_count(archive["n_users"], f"{path} n_users"),
+              _count(archive["n_items"], f"{path} n_items"))
+  except Exception:
+    return None
+
+
 def load(name: str, data_dir: Optional[str] = None) -> Dataset:
   """Loads dataset `name` (one of NAMES) from `data_dir`, else from tensorflow_datasets."""
   if name not in _SOURCES:
@@ -71,7 +92,7 @@ def load(name: str, data_dir: Optional[str] = None) -> Dataset:
   file_name, tfds_name, shape = _SOURCES[name]
   tried = ""
   if data_dir is not None:
-    path = os.path.join(os.fspath(data_dir), file_name)
+    path = os.path.join(os.path.expanduser(os.fspath(data_dir)), file_name)  # as config checks it
     if os.path.isfile(path):
       return _from_npz(path, shape)
     where = "directory does not exist" if not os.path.isdir(data_dir) else "file not found"
@@ -80,10 +101,16 @@ def load(name: str, data_dir: Optional[str] = None) -> Dataset:
   if tfds is not None:
     return _from_tfds(tfds, tfds_name, shape)
   raise DataError(
-      f"{tried}Dataset {name!r} is not available. Either pass data_dir=<directory> holding "
-      f"{file_name} in the layout of shared/data (see divjax/data.py and shared/data/README.md), "
-      f"or `pip install tensorflow-datasets` on a machine with internet access so it can be "
-      f"downloaded as {tfds_name!r}.")
+      f"{tried}Dataset {name!r} is not available. Either set data.dir (e.g. --set data.dir=DIR) "
+      f"to a directory holding {file_name} with the arrays {', '.join(_needed(shape))} (layout: "
+      f"the docstring of divjax/data.py), or `pip install tensorflow-datasets` on a machine with "
+      f"internet access so it can be downloaded as {tfds_name!r}.")
+
+
+def _needed(shape: Optional[tuple]) -> tuple:
+  """The arrays an .npz file of an image (shape given) or a rating dataset must hold."""
+  return (("x_train", "y_train", "x_test", "y_test") if shape is not None
+          else ("user", "item", "rating", "n_users", "n_items"))
 
 
 def _images(x: np.ndarray, shape: tuple, what: str) -> np.ndarray:
@@ -96,13 +123,23 @@ def _images(x: np.ndarray, shape: tuple, what: str) -> np.ndarray:
   return (x.astype(np.float32) * np.float32(2 / 255) - np.float32(1)).astype(np.float32)
 
 
+def _integers(a: np.ndarray, what: str) -> np.ndarray:
+  """a as int64 if it holds integers (an integer dtype, or floats with integral values)."""
+  if a.dtype.kind in "iu":
+    return a.astype(np.int64)
+  if a.dtype.kind == "f" and np.all(np.isfinite(a)) and np.all(a == np.round(a)):
+    return a.astype(np.int64)
+  raise DataError(f"{what}: expected integers, got dtype {a.dtype}"
+                  + (" with non-integral or non-finite values" if a.dtype.kind == "f" else ""))
+
+
 def _labels(y: np.ndarray, n: int, what: str) -> np.ndarray:
   if y.ndim != 1 or y.shape[0] != n:
     raise DataError(f"{what}: expected shape ({n},) to match the images, got {y.shape}")
-  y = y.astype(np.int32)
+  y = _integers(y, what)
   if n and (y.min() < 0 or y.max() > 9):
     raise DataError(f"{what}: labels must lie in 0..9, found {y.min()}..{y.max()}")
-  return y
+  return y.astype(np.int32)
 
 
 def _image_dataset(arrays, shape: tuple, origin: str) -> ImageDataset:
@@ -119,6 +156,10 @@ def _rating_dataset(user, item, rating, n_users: int, n_items: int, origin: str)
   if not (user.ndim == item.ndim == rating.ndim == 1 and user.shape == item.shape == rating.shape):
     raise DataError(f"{origin}: user, item and rating must be 1-D arrays of equal length, got "
                     f"shapes {user.shape}, {item.shape}, {rating.shape}")
+  user, item = _integers(user, f"{origin} user"), _integers(item, f"{origin} item")
+  if rating.dtype.kind not in "iuf" or not np.all(np.isfinite(rating)):
+    raise DataError(f"{origin} rating: expected finite numbers, got dtype {rating.dtype}"
+                    + (" with NaN or infinite values" if rating.dtype.kind == "f" else ""))
   for a, n, what in ((user, n_users, "user"), (item, n_items, "item")):
     if a.size and (a.min() < 0 or a.max() >= n):
       raise DataError(f"{origin}: {what} ids must lie in 0..n_{what}s-1 = 0..{n - 1}, "
@@ -127,24 +168,58 @@ def _rating_dataset(user, item, rating, n_users: int, n_items: int, origin: str)
                        int(n_users), int(n_items))
 
 
+def _count(a: np.ndarray, what: str) -> int:
+  """A scalar count (n_users, n_items) stored as an array."""
+  if a.size != 1 or a.ndim > 1:
+    raise DataError(f"{what}: expected a single integer, got shape {a.shape}")
+  n = int(_integers(a.reshape(()), what))
+  if n < 1:
+    raise DataError(f"{what}: must be >= 1, got {n}")
+  return n
+
+
 def _from_npz(path: str, shape: Optional[tuple]) -> Dataset:
-  needed = (("x_train", "y_train", "x_test", "y_test") if shape is not None
-            else ("user", "item", "rating", "n_users", "n_items"))
+  needed = _needed(shape)
+  member = ""  # the array being read, for the messages
   try:
-    archive = np.load(path)
-  except (OSError, ValueError) as e:
-    raise DataError(f"{path}: not a readable .npz archive ({e})") from e
-  if not isinstance(archive, np.lib.npyio.NpzFile):
-    raise DataError(f"{path}: holds a single array, expected an .npz archive of {list(needed)}")
-  with archive:
-    missing = [k for k in needed if k not in archive.files]
-    if missing:
-      raise DataError(f"{path}: missing arrays {missing}; the file must hold {list(needed)}")
-    arrays = {k: archive[k] for k in needed}
+    # Opened here so that it is closed on every error (np.load leaks it when the zip is bad).
+    # allow_pickle=False (np.load's default): object arrays are refused, never unpickled.
+    with open(path, "rb") as f:
+      archive = np.load(f)
+      if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DataError(f"{path}: holds a single array, expected an .npz archive of {list(needed)}")
+      missing = [k for k in needed if k not in archive.files]
+      if missing:
+        raise DataError(f"{path}: missing arrays {missing}; the file must hold {list(needed)}")
+      arrays = {}
+      for k in needed:  # members are read (and decompressed) here, not by np.load
+        member = f"array {k!r}"
+        arrays[k] = archive[k]
+  except DataError:
+    raise
+  except MemoryError as e:
+    raise DataError(f"{path}: out of memory reading {member or 'it'} (a corrupted header can claim "
+                    f"a huge shape; if the file is intact, it needs more memory)") from e
+  except ValueError as e:
+    if "Object arrays cannot be loaded" in str(e):
+      raise DataError(f"{path}: {member or 'its array'} holds Python objects (dtype object); object "
+                      f"arrays are not supported (reading them would mean unpickling): save numeric "
+                      f"arrays, e.g. np.asarray(a, np.uint8)") from e
+    if "pickled" in str(e):  # np.load's guess for a file that is neither a zip nor an .npy
+      raise DataError(f"{path}: not a readable .npz archive (neither a zip file nor an .npy array)") from e
+    raise DataError(f"{path}: not a readable .npz archive{member and ', reading ' + member}: "
+                    f"{type(e).__name__}: {e}") from e
+  except Exception as e:
+    # A truncated or corrupted archive fails in zipfile, zlib or numpy's header parser with
+    # many exception types: OSError, zipfile.BadZipFile, zlib.error, EOFError,
+    # tokenize.TokenError, NotImplementedError (an unknown compression method), ...
+    raise DataError(f"{path}: not a readable .npz archive (truncated or corrupted?)"
+                    f"{member and ', reading ' + member}: {type(e).__name__}: {e}") from e
   if shape is not None:
     return _image_dataset(arrays, shape, path)
   return _rating_dataset(arrays["user"], arrays["item"], arrays["rating"],
-                         int(arrays["n_users"]), int(arrays["n_items"]), path)
+                         _count(arrays["n_users"], f"{path} n_users"),
+                         _count(arrays["n_items"], f"{path} n_items"), path)
 
 
 def _tfds_module():
@@ -172,8 +247,8 @@ def _from_tfds(tfds, tfds_name: str, shape: Optional[tuple]) -> Dataset:
       return _image_dataset(arrays, shape, origin)
     d = tfds.as_numpy(tfds.load(tfds_name, split="train", batch_size=-1))
   except Exception as e:  # download or preparation failed (often: no internet)
-    raise DataError(f"{origin} could not be loaded ({type(e).__name__}: {e}). Pass data_dir=<directory> "
-                    f"with the .npz files instead (layout: divjax/data.py docstring).") from e
+    raise DataError(f"{origin} could not be loaded ({type(e).__name__}: {e}). Set data.dir to a "
+                    f"directory with the .npz files instead (layout: the docstring of divjax/data.py).") from e
   users = d["user_id"].astype(np.int64)       # tfds stores ids as byte strings
   movies = d["movie_id"].astype(np.int64)
   # The artifact's ids: users 1..U -> 0..U-1; items = rank among the sorted distinct movie ids.

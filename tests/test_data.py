@@ -77,7 +77,10 @@ def test_missing_directory_or_file_says_how_to_provide_the_data(tmp_path):
       data.load("cifar10", data_dir)
     msg = str(info.value)
     assert where in msg and "cifar10.npz" in msg and str(data_dir) in msg
-    assert "pip install tensorflow-datasets" in msg and "data_dir=" in msg
+    assert "pip install tensorflow-datasets" in msg
+    # the config key as a user writes it, and no pointer to files outside the repository
+    assert "data.dir" in msg and "data_dir=" not in msg and "shared/data" not in msg
+    assert "x_train, y_train, x_test, y_test" in msg and "divjax/data.py" in msg
   with pytest.raises(DataError, match="tensorflow-datasets"):
     data.load("mnist")  # no directory and no tfds
 
@@ -105,6 +108,128 @@ def test_malformed_ratings_and_non_archives(tmp_path):
   (tmp_path / "mnist.npz").write_text("not a zip")
   with pytest.raises(DataError, match="not a readable .npz"):
     data.load("mnist", tmp_path)
+
+
+def _exits_2(exc: BaseException) -> bool:
+  """What `divjax run` reports as bad input (exit 2) rather than a traceback (cli.cmd_run)."""
+  from divjax.config import ConfigError
+  return isinstance(exc, (ConfigError, ValueError, OSError))
+
+
+def _valid_archive(tmp_path, compressed: bool) -> bytes:
+  write_images(tmp_path, "mnist.npz", (28, 28))
+  if compressed:
+    with np.load(tmp_path / "mnist.npz") as z:
+      np.savez_compressed(tmp_path / "mnist.npz", **{k: z[k] for k in z.files})
+  return (tmp_path / "mnist.npz").read_bytes()
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+@pytest.mark.parametrize("damage", ["truncated", "garbled_tail", "garbled_member", "bit_flips"])
+def test_damaged_archive_is_refused_naming_the_file(tmp_path, compressed, damage):
+  """Truncated and garbled archives used to escape as zipfile.BadZipFile / zlib.error /
+  tokenize.TokenError tracebacks; now every one is a DataError naming the file, which
+  `divjax run` reports as bad input (exit 2)."""
+  good = _valid_archive(tmp_path, compressed)
+  rng = np.random.default_rng(7)
+  must_fail = damage in ("truncated", "garbled_tail")
+  if damage == "truncated":
+    bad = [good[:n] for n in (10, len(good) // 3, len(good) - 30)]
+  elif damage == "garbled_tail":  # a valid zip header, then random bytes
+    bad = [good[:40] + rng.bytes(len(good) - 40)]
+  elif damage == "garbled_member":  # the archive's directory intact, a member's data garbled
+    bad = [good[:200] + rng.bytes(500) + good[700:], good[:60] + rng.bytes(64) + good[124:],
+           good[:157] + rng.bytes(64) + good[221:]]
+  else:
+    bad = []
+    for _ in range(40):
+      b = bytearray(good)
+      b[int(rng.integers(len(b)))] ^= 1 << int(rng.integers(8))
+      bad.append(bytes(b))
+  path = tmp_path / "mnist.npz"
+  failed = 0
+  for content in bad:
+    path.write_bytes(content)
+    try:
+      data.load("mnist", tmp_path)
+    except DataError as e:
+      assert str(e).startswith(f"{path}: ") and _exits_2(e)
+      failed += 1
+    # a flipped bit in pixel data can leave a readable archive: only a clean outcome is required
+  assert failed == len(bad) if must_fail else failed >= 1
+
+
+def test_known_library_errors_become_data_errors(tmp_path, monkeypatch):
+  import tokenize
+  import zipfile
+  import zlib
+  write_images(tmp_path, "cifar10.npz", (32, 32, 3))
+  path = tmp_path / "cifar10.npz"
+  for err in (zipfile.BadZipFile("Bad CRC-32"), zlib.error("Error -3 while decompressing"),
+              EOFError("ran out"), tokenize.TokenError("EOF in multi-line statement"),
+              NotImplementedError("That compression method is not supported"),
+              MemoryError(), ValueError("cannot reshape")):
+    real_load = np.load
+
+    class Broken:
+      def __init__(self, z):
+        self.z, self.files = z, z.files
+
+      def __enter__(self):
+        return self
+
+      def __exit__(self, *a):
+        self.z.close()
+
+      def __getitem__(self, k, err=err):
+        raise err
+
+    monkeypatch.setattr(np.lib.npyio, "NpzFile", Broken)
+    monkeypatch.setattr(np, "load", lambda p, real_load=real_load: Broken(real_load(p)))
+    with pytest.raises(DataError) as info:
+      data.load("cifar10", tmp_path)
+    assert str(info.value).startswith(f"{path}: ") and "array 'x_train'" in str(info.value)
+    monkeypatch.undo()
+
+
+def test_object_arrays_are_refused_naming_the_file(tmp_path):
+  write_images(tmp_path, "cifar10.npz", (32, 32, 3), y_test=np.array([1, "a"] * 5, dtype=object))
+  with pytest.raises(DataError) as info:
+    data.load("cifar10", tmp_path)
+  msg = str(info.value)
+  assert msg.startswith(f"{tmp_path / 'cifar10.npz'}: ") and "'y_test'" in msg
+  assert "object arrays are not supported" in msg
+  np.save(tmp_path / "mnist.npy", np.array([None, 1], dtype=object))  # a lone .npy, renamed
+  (tmp_path / "mnist.npy").rename(tmp_path / "mnist.npz")
+  with pytest.raises(DataError, match="object arrays are not supported") as info:
+    data.load("mnist", tmp_path)
+  assert str(info.value).startswith(f"{tmp_path / 'mnist.npz'}: ")
+
+
+@pytest.mark.parametrize("override, message", [
+    (dict(y_train=np.array(["a"] * 30)), r"y_train: expected integers, got dtype <U1"),
+    (dict(y_train=np.full(30, 0.5)), "y_train: expected integers, got dtype float64 with non-integral"),
+])
+def test_labels_of_the_wrong_type_name_the_file(tmp_path, override, message):
+  write_images(tmp_path, "cifar10.npz", (32, 32, 3), **override)
+  with pytest.raises(DataError, match=message) as info:
+    data.load("cifar10", tmp_path)
+  assert str(info.value).startswith(str(tmp_path / "cifar10.npz"))
+
+
+@pytest.mark.parametrize("override, message", [
+    (dict(n_users=np.arange(3)), r"n_users: expected a single integer, got shape \(3,\)"),
+    (dict(n_items=np.int64(0)), "n_items: must be >= 1"),
+    (dict(rating=np.full(20, np.nan, np.float32)), "rating: expected finite numbers"),
+    (dict(user=np.array(["x"] * 20)), "user: expected integers"),
+])
+def test_ratings_of_the_wrong_type_name_the_file(tmp_path, override, message):
+  arrays = write_ratings(tmp_path)
+  path = tmp_path / "movielens_ml-latest-small.npz"
+  np.savez(path, **{**arrays, **override})
+  with pytest.raises(DataError, match=message) as info:
+    data.load("movielens-latest-small", tmp_path)
+  assert str(info.value).startswith(str(path))
 
 
 # ------------------------------------------------------------------------------- partitioners
@@ -231,3 +356,25 @@ def test_pad_partition():
   assert idx.dtype == np.int32 and counts.dtype == np.int32
   np.testing.assert_array_equal(idx, [[4, 5, 6], [0, 0, 0], [9, 0, 0]])
   np.testing.assert_array_equal(counts, [3, 0, 1])
+
+
+# ---------------------------------------------------------------------------- through the CLI
+
+
+@pytest.mark.parametrize("content", ["truncated", "object_array"])
+def test_cli_reports_a_bad_data_file_as_bad_input(tmp_path, capsys, content):
+  """`divjax run` on a damaged or object-array file: exit 2, one line naming the file, no
+  traceback, nothing written."""
+  from divjax import cli
+  good = _valid_archive(tmp_path, compressed=True)
+  path = tmp_path / "mnist.npz"
+  if content == "truncated":
+    path.write_bytes(good[: len(good) // 2])
+  else:
+    write_images(tmp_path, "mnist.npz", (28, 28), y_train=np.array([None] * 30, dtype=object))
+  out = tmp_path / "run"
+  rc = cli.main(["run", "--set", "task=mnist", f"data.dir={tmp_path}", "n_nodes=2", "recipients=1",
+                 "--out", str(out), "--quiet"])
+  err = capsys.readouterr().err
+  assert rc == 2 and not out.exists()
+  assert f"{path}: " in err and "Traceback" not in err
