@@ -13,7 +13,9 @@ bandwidths, slowdowns) do not.
 from __future__ import annotations
 
 import copy
+import functools
 import math
+import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -34,6 +36,28 @@ MAX_GRAPH_EDGES = 1 << 24    # fixed graphs are built (and checked for connectiv
 class _Strict(BaseModel):
   # inf/nan are never meaningful here, and would overflow the integer tick arithmetic
   model_config = ConfigDict(extra="forbid", frozen=True, strict=False, allow_inf_nan=False)
+
+  @field_validator("*", mode="before")
+  @classmethod
+  def _no_bools_as_numbers(cls, v, info):
+    """Lax mode would read YAML's true/false as 1/0 for a number (`recipients: true` as 1),
+    and 1/0 as true/false for a switch: both are refused, naming the key."""
+    ann = cls.model_fields[info.field_name].annotation
+    if _mentions(ann, bool):
+      if isinstance(v, (int, float)) and not isinstance(v, bool):
+        raise ValueError(f"must be true or false (got {v!r})")
+    elif (_mentions(ann, int) or _mentions(ann, float)) and _holds_bool(v):
+      raise ValueError(f"must be a number, not true/false (got {v!r})")
+    return v
+
+
+def _mentions(ann, t: type) -> bool:
+  """Whether type annotation `ann` is `t` or has it inside (Optional[t], list[t], Union)."""
+  return ann is t or any(_mentions(a, t) for a in typing.get_args(ann))
+
+
+def _holds_bool(v) -> bool:
+  return isinstance(v, bool) or (isinstance(v, (list, tuple)) and any(_holds_bool(x) for x in v))
 
 
 class StragglerConfig(_Strict):
@@ -283,7 +307,65 @@ def from_dict(raw: Any) -> Config:
   if cfg.fragments is None:
     from divjax import algorithms
     cfg = cfg.model_copy(update={"fragments": algorithms.DEFAULT_FRAGMENTS.get(cfg.algorithm, 1)})
+  _check_fragments(cfg)
   return cfg
+
+
+def _check_fragments(cfg: Config) -> None:
+  """At most as many fragments as the model's largest tensor has entries.
+
+  Every tensor is cut into the F fragments separately (divjax.fragments), so F larger than
+  the largest tensor leaves fragments 0..F-2 empty: messages that carry nothing. The model's
+  shapes come from tracing its init (nothing is compiled or run, the backend is not started).
+  MovieLens models are sized by the data: checked here when data.dir holds the file (its
+  n_users, n_items), not for data that tensorflow-datasets would download.
+  """
+  if cfg.fragments <= 1:
+    return
+  shape = _model_shape(cfg)
+  sizes = _tensor_sizes(*shape) if shape is not None else None
+  if not sizes:
+    return  # a task/model pair the task builder refuses, or sized by the data
+  hi = max(sizes)
+  if cfg.fragments > hi:
+    raise ConfigError(
+        f"fragments: must be in 1..{hi} for this model ({shape[0]}, {sum(sizes)} parameters; its "
+        f"largest tensor has {hi} entries, and every tensor is cut into the fragments, so more "
+        f"fragments than that would be empty) (got {cfg.fragments})")
+
+
+def _model_shape(cfg: Config) -> Optional[tuple]:
+  """(model name, input shape, hidden, n_classes) of the model divjax.tasks builds, or None;
+  for matrix factorisation ("mf", (n_users, n_items), (), mf_dim) (see `_tensor_sizes`)."""
+  from divjax import data as data_lib
+  if cfg.task.startswith("movielens"):
+    counts = data_lib.rating_counts(cfg.task, cfg.data.dir)
+    return ("mf", counts, (), cfg.mf_dim) if counts and cfg.model in ("auto", "mf") else None
+  if cfg.task == "synthetic":
+    return ("mlp" if cfg.model == "auto" else cfg.model, (cfg.data.dim,), tuple(cfg.hidden),
+            cfg.data.n_classes)
+  shape = data_lib.image_shape(cfg.task)
+  if shape is None:
+    return None
+  default = "gn_lenet" if cfg.task == "cifar10" else "mlp"
+  return (default if cfg.model == "auto" else cfg.model, shape, tuple(cfg.hidden), 10)
+
+
+@functools.lru_cache(maxsize=256)
+def _tensor_sizes(name: str, input_shape: tuple, hidden: tuple, n_classes: int) -> Optional[tuple]:
+  """Entries of each of the model's tensors (flat order), or None if it cannot be built."""
+  import jax
+  from divjax import models
+  try:
+    if name == "mf":
+      model = models.make_model("mf", n_users=input_shape[0], n_items=input_shape[1], dim=n_classes)
+    else:  # impl "auto" would ask for the backend, which must not start before the run sets it up
+      model = models.make_model(name, input_shape=input_shape, hidden=hidden, n_classes=n_classes,
+                                impl="vmap")
+    tree = jax.eval_shape(lambda: model.init(jax.random.key(0)))
+  except Exception:  # e.g. gn_lenet on flat inputs: the task builder reports it
+    return None
+  return tuple(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
 
 
 def _check_algorithm(cfg: Config) -> None:

@@ -65,3 +65,75 @@ def test_every_shipped_config_is_valid(path):
   cfg = config.load(path)
   if cfg.task == "cifar10":  # the paper's values (PAPER.md 4.2, 6.1)
     assert (cfg.n_nodes, cfg.recipients, cfg.local_steps, cfg.batch_size, cfg.lr) == (60, 6, 128, 8, 0.05)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("recipients=true", "recipients"), ("n_nodes=false", "n_nodes"), ("fragments=true", "fragments"),
+    ("lr=true", "lr"), ("hidden=[true]", "hidden"), ("network.stragglers.nodes=[true]", "network.stragglers.nodes"),
+    ("server.cohort=true", "server.cohort"), ("network.header_bits=true", "network.header_bits"),
+])
+def test_true_false_is_not_a_number(override, key):
+  """YAML's true used to be read as 1 (`recipients: true` ran with 1 recipient)."""
+  with pytest.raises(ConfigError) as info:
+    config.load(None, ["n_nodes=6", override])
+  assert str(info.value).startswith(f"{key}: must be a number, not true/false")
+
+
+def test_a_number_is_not_a_switch():
+  with pytest.raises(ConfigError, match=r"^network\.download_cap: must be true or false \(got 1\)"):
+    config.load(None, ["network.download_cap=1"])
+  assert config.load(None, ["network.download_cap=true"]).network.download_cap is True
+
+
+@pytest.mark.parametrize("overrides, hi", [
+    (["data.dim=5", "hidden=[7]"], 70),                         # MLP 5-7-10: tensors 35, 7, 70, 10
+    (["model=logreg", "data.dim=3", "data.n_classes=2", "data.classes_per_node=1"], 6),
+    (["task=cifar10"], 51200),                                  # GN-LeNet: conv3, 5 x 5 x 32 x 64
+    (["task=mnist"], 784 * 64),
+])
+def test_fragments_at_most_the_largest_tensor(overrides, hi):
+  """More fragments than the largest tensor has entries leave fragments empty (each tensor
+  is cut into all fragments); they used to be accepted."""
+  assert config.load(None, overrides + [f"fragments={hi}"]).fragments == hi
+  with pytest.raises(ConfigError) as info:
+    config.load(None, overrides + [f"fragments={hi + 1}"])
+  assert str(info.value).startswith(f"fragments: must be in 1..{hi} for this model")
+  assert str(info.value).endswith(f"(got {hi + 1})")
+
+
+def test_fragments_default_checked_too():
+  with pytest.raises(ConfigError, match=r"^fragments: must be in 1\.\.2 .*\(got 8\)"):
+    config.load(None, ["model=logreg", "data.dim=1", "data.n_classes=2", "data.classes_per_node=1"])
+
+
+def test_fragments_of_movielens_checked_against_the_data_file(tmp_path):
+  import numpy as np
+  np.savez(tmp_path / "movielens_ml-100k.npz", user=np.zeros(3, np.int32), item=np.zeros(3, np.int32),
+           rating=np.ones(3, np.float32), n_users=np.int64(4), n_items=np.int64(9))
+  base = ["task=movielens-100k", f"data.dir={tmp_path}", "mf_dim=2"]
+  assert config.load(None, base + ["fragments=18"]).fragments == 18   # items: 9 x 2
+  with pytest.raises(ConfigError, match=r"^fragments: must be in 1\.\.18 for this model \(mf, 26 parameters"):
+    config.load(None, base + ["fragments=19"])
+  # no file to read the sizes from: left to the run (which loads the data)
+  assert config.load(None, ["task=movielens-100k", "fragments=19"]).fragments == 19
+
+
+def test_fragments_check_does_not_start_the_backend(monkeypatch):
+  """`divjax run` sets up its CPU devices after validating the config, so validation must not
+  touch the JAX backend (shapes come from tracing only)."""
+  import jax
+  from jax._src import xla_bridge
+
+  def no(*a, **k):
+    raise AssertionError("config validation asked for the JAX backend")
+
+  for name in ("backends", "get_backend", "default_backend", "_get_backend_uncached"):
+    monkeypatch.setattr(xla_bridge, name, no)
+  for name in ("default_backend", "devices", "local_devices", "device_count"):
+    monkeypatch.setattr(jax, name, no)
+  config._tensor_sizes.cache_clear()
+  for task, hi in (("synthetic", 2048), ("cifar10", 51200), ("mnist", 784 * 64)):
+    assert config.load(None, [f"task={task}", f"fragments={hi}"]).fragments == hi
+    with pytest.raises(ConfigError, match="^fragments: must be in"):  # the check did run
+      config.load(None, [f"task={task}", f"fragments={hi + 1}"])
+  config._tensor_sizes.cache_clear()  # nothing traced under the patches stays cached
