@@ -265,8 +265,9 @@ def _run(args, hold, stop, out: Path, cfg, resuming: bool, extend: bool, unique:
   from divjax import checkpoint, memory, sharding, simulate
   sharding.request_cpu_devices(cfg.devices, cfg.n_nodes)  # before anything starts the backend
   try:
+    memory.precheck(cfg)     # from the config alone: refuses a run too large before building data
     sim = simulate.build(cfg)
-    mem = memory.check(sim)  # before compiling or writing anything
+    mem = memory.check(sim)  # with the real data sizes, before compiling or writing anything
   except (config_lib.ConfigError, ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return EXIT_BAD_INPUT

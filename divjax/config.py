@@ -29,7 +29,12 @@ class ConfigError(ValueError):
 
 
 MAX_NODES = 1 << 24          # node ids and (N, D, M) table indices stay far from int32 overflow
-MAX_TICKS = (1 << 31) - 1    # the tick counter is int32
+# Simulated time is int32 on the device (divjax.timebase): ticks and a message's horizon stay
+# below 2**30 so that tick + horizon never overflows, a queue's backlog is exact below 2**49 us.
+MAX_TICKS = (1 << 30) - 1
+MAX_LATENCY_MS = 1e6         # 1000 s one way, below timebase.CAP_US (17.9 min)
+MAX_DURATION_S = float(1 << 48) / 1e6  # 8.9 years: saturated queue times (2**49 us) lie beyond any run
+MAX_HEADER_BITS = 1 << 40
 MAX_GRAPH_EDGES = 1 << 24    # fixed graphs are built (and checked for connectivity) on the host
 
 
@@ -72,14 +77,14 @@ class StragglerConfig(_Strict):
 class NetworkConfig(_Strict):
   upload_mbps: float = Field(60.0, gt=0.0)
   download_mbps: float = Field(60.0, gt=0.0)
-  latency_ms: float = Field(1.0, ge=0.0)
+  latency_ms: float = Field(1.0, ge=0.0, le=MAX_LATENCY_MS)
   compute_s_per_step: float = Field(0.01, gt=0.0)
   # Serve each message at min(sender upload, receiver download) (a per-flow cap). Off by
   # default: with one FIFO per sender, a capped flow to a slow receiver blocks every message
   # queued behind it (head-of-line blocking that TCP flows sharing an uplink do not have).
   download_cap: bool = False
   # Extra bits per message (headers); DivShare's pickled fragments carry a few hundred bytes.
-  header_bits: int = Field(0, ge=0)
+  header_bits: int = Field(0, ge=0, le=MAX_HEADER_BITS)
   # "diablo": the artifact's real-world inter-region bandwidths (10 regions, PAPER.md 4.4),
   # capping each message at its region pair's rate on top of the node links.
   preset: Optional[Literal["diablo"]] = None
@@ -91,7 +96,7 @@ class ServerConfig(_Strict):
   cohort: Optional[int] = Field(None, ge=1)  # clients per round; None: every node
   upload_mbps: float = Field(1000.0, gt=0.0)
   download_mbps: float = Field(1000.0, gt=0.0)
-  latency_ms: float = Field(1.0, ge=0.0)
+  latency_ms: float = Field(1.0, ge=0.0, le=MAX_LATENCY_MS)
 
 
 class DataConfig(_Strict):
@@ -127,7 +132,7 @@ class Config(_Strict):
   # mean_train + <u, v>, a constant of the task, not a parameter (divjax.tasks.movielens says why)
   mf_offset: Literal["none", "global_mean"] = "none"
   hidden: list[int] = Field(default_factory=lambda: [64])
-  duration_s: float = Field(60.0, gt=0.0)
+  duration_s: float = Field(60.0, gt=0.0, le=MAX_DURATION_S)
   eval_every_s: float = Field(10.0, gt=0.0)
   target: Optional[float] = None
   # Graph of the algorithms that need one (dpsgd, adpsgd_pairwise, swift_original): divjax.topology

@@ -58,12 +58,12 @@ from divjax import fragments as fragments_lib
 from divjax import network as network_lib
 from divjax import nodes as nodes_lib
 from divjax import sampling
+from divjax import timebase as tb
 from divjax.algorithms.base import Protocol
 from divjax.config import Config
 
 NONE, DELIVERED, SUPERSEDED, FLUSHED, EXPIRED = 0, 1, 2, 3, 4
 FATES = ("none", "delivered", "superseded", "flushed", "expired")
-_BACKLOG_CAP_US = 1 << 30  # keeps int32 time arithmetic exact; such messages expire anyway
 
 
 class EngineState(NamedTuple):
@@ -76,9 +76,9 @@ class EngineState(NamedTuple):
   msg_frag: jax.Array       # (N, D, M) int32
   msg_fate: jax.Array       # (N, D, M) int32, one of NONE..EXPIRED
   msg_tick: jax.Array       # (N, D, M) int32, tick at which the fate happens
-  msg_done: jax.Array       # (N, D, M) int32, upload completion, us after the send instant
+  msg_done: jax.Array       # (N, D, M) int32, upload completion, us after the send instant (saturating)
   slot_tick: jax.Array      # (N, D) int32, tick at which the slot's round ended (send tick)
-  backlog_us: jax.Array     # (N,) int32, the send queue is busy until then (us after the last block end)
+  backlog_us: tb.Wide       # (N,) each, the send queue is busy until then (us after the last block end)
   # Replies (AD-PSGD pongs) to the ping in the same (N, D, M) position, sent by the ping's
   # receiver to this row's node; size 0 along M for algorithms without replies.
   pong_fate: jax.Array      # (N, D, Mr) int32
@@ -124,6 +124,35 @@ def ring_depth(cfg: Config, protocol: Protocol, net: network_lib.Network) -> int
   return int(2 + -(-(int(r.max()) + lat_ticks) // int(r.min())))
 
 
+def check_horizon(cfg: Config, depth: int, net: network_lib.Network) -> None:
+  """Refuses a run whose message horizon does not fit timebase.CAP_US.
+
+  Per-message times are int32 microseconds that saturate at CAP_US; they are exact as long
+  as everything a message can still take part in (ring depth + 2 of the slowest rounds, plus
+  a latency) lies below it. Raises ValueError naming the key that makes the horizon long.
+  """
+  round_us = cfg.local_steps * int(net.period.max()) * net.dt_us
+  lat_us = int(net.latency_us.max())
+  need = (depth + 2) * round_us + lat_us + net.dt_us
+  if need <= tb.CAP_US:
+    return
+  # the first change that would make it fit: no latency (which also sets an automatic depth),
+  # then the shallowest ring, else the rounds themselves are too long
+  no_lat_depth = depth if cfg.ring_depth else 2 + -(-cfg.local_steps * int(net.period.max()) //
+                                                    (cfg.local_steps * int(net.period.min())))
+  if (no_lat_depth + 2) * round_us + net.dt_us <= tb.CAP_US:
+    key = "network.latency_ms" + (" (it also sets the automatic ring_depth)" if cfg.ring_depth == 0 else "")
+  elif cfg.ring_depth > 1 and 3 * round_us + lat_us + net.dt_us <= tb.CAP_US:
+    key = "ring_depth"
+  else:
+    key = ("local_steps / network.compute_s_per_step" +
+           (" / network.stragglers.slowdown" if net.period.max() > 1 else ""))
+  raise ValueError(
+      f"{key}: a message's time horizon, (ring depth {depth} + 2) x the longest round "
+      f"{round_us / 1e6:g} s + latency {lat_us / 1e6:g} s, is {need / 1e6:g} s; simulated per-message "
+      f"times are int32 microseconds and must stay below {tb.CAP_US / 1e6:g} s: lower it")
+
+
 def make(cfg: Config, task, protocol: Protocol, *, communicate: bool = True) -> Engine:
   """Builds the pure `init` and `tick` functions of one run (closing over static config).
 
@@ -139,6 +168,7 @@ def make(cfg: Config, task, protocol: Protocol, *, communicate: bool = True) -> 
   frags = fragments_lib.partition(task.tensor_sizes, protocol.fragments, cfg.seed)
   f, width, m = frags.n, frags.width, protocol.messages
   d = ring_depth(cfg, protocol, net)
+  check_horizon(cfg, d, net)
   dt_us = net.dt_us
 
   bits = frags.sizes * 32 + cfg.network.header_bits
@@ -168,7 +198,7 @@ def make(cfg: Config, task, protocol: Protocol, *, communicate: bool = True) -> 
   rows = jnp.broadcast_to(nodes[:, None, None], (n, d, m))
   slots = jnp.broadcast_to(jnp.arange(d, dtype=jnp.int32)[None, :, None], (n, d, m))
   block_us = h * dt_us
-  age_cap = (1 << 29) // dt_us  # ages beyond this many ticks never matter; keeps int32 exact
+  age_cap = tb.CAP_US // dt_us  # ages beyond the horizon (check_horizon) never matter; keeps int32 exact
 
   def init(run_key) -> EngineState:
     p0 = task.init_flat(sampling.stream(run_key, sampling.STREAM_INIT))
@@ -179,7 +209,7 @@ def make(cfg: Config, task, protocol: Protocol, *, communicate: bool = True) -> 
         params=params, opt_state=opt_state, steps=zi(n), rounds=zi(n),
         ring=jnp.zeros((d, n, f, width), jnp.float32),
         msg_dst=zi(n, d, m), msg_frag=zi(n, d, m), msg_fate=zi(n, d, m), msg_tick=zi(n, d, m),
-        msg_done=zi(n, d, m), slot_tick=zi(n, d), backlog_us=zi(n),
+        msg_done=zi(n, d, m), slot_tick=zi(n, d), backlog_us=tb.wide(zi(n)),
         pong_fate=zi(n, d, mr), pong_tick=zi(n, d, mr), pong_slot=zi(n, d, mr),
         pong_done=zi(n, d, mr), pong_made=zi(n, d, mr),
         store=jnp.broadcast_to(fragments_lib.to_layout(p0[None], frags)[0, 0], (n, n_store, width)), retired=zi(len(FATES)), sent=zi(),
@@ -253,27 +283,30 @@ def make(cfg: Config, task, protocol: Protocol, *, communicate: bool = True) -> 
     finished = jnp.where(base >= 1, base - 1 + ((base * r_j - t - 1) * dt_us < arrive), 0)
     make = in_block if pairwise else in_block & (finished >= 1)
     latest = finished - 1
-    service = jnp.where(make, service_of(j, rows, jnp.zeros_like(j)), 0)
+    service = tb.where(make, service_of(j, rows, jnp.zeros_like(j)), tb.wide(jnp.zeros_like(j)))
     enqueue = jnp.where(make, arrive, -block_us)
 
     # serve each replier's pongs in arrival order (ties as the reference: completion, sender)
     flat = lambda a: a.reshape(-1)
     done_ping_now = flat(state.msg_done - since_send_us(state, t))
     order = jnp.lexsort((flat(rows), done_ping_now, flat(enqueue), flat(jnp.where(make, j, n))))
-    jj, a_, b_ = flat(j)[order], flat(enqueue)[order], flat(service)[order]
+    jj = flat(j)[order]
+    a_, b_ = tb.wide(flat(enqueue)[order]), jax.tree.map(lambda x: flat(x)[order], service)
     first = jnp.concatenate([jnp.array([True]), jj[1:] != jj[:-1]])
-    a_ = jnp.where(first, jnp.maximum(a_, busy[jnp.minimum(jj, n - 1)]), a_)
+    a_ = tb.where(first, tb.maximum(a_, tb.gather(busy, jnp.minimum(jj, n - 1))), a_)
 
     def combine(x, y):  # (a, b, start): f(c) = max(c, a) + b, composed left to right
       (a1, b1, s1), (a2, b2, s2) = x, y
-      return (jnp.where(s2, a2, jnp.maximum(a1, a2 - b1)), jnp.where(s2, b2, b1 + b2), s1 | s2)
+      return (tb.where(s2, a2, tb.maximum(a1, tb.sub(a2, b1))), tb.where(s2, b2, tb.add(b1, b2)), s1 | s2)
 
     ca, cb, _ = jax.lax.associative_scan(combine, (a_, b_, first))
-    done = jnp.zeros_like(ca).at[order].set(ca + cb).reshape(n, d, m)          # us after end of tick t
-    last = jax.ops.segment_max(jnp.where(flat(make), flat(done), -block_us), flat(j), num_segments=n)
-    busy = jnp.maximum(busy, last)
+    done_sorted = tb.add(ca, cb)
+    done = jax.tree.map(lambda x: jnp.zeros_like(x).at[order].set(x).reshape(n, d, m), done_sorted)
+    busy = tb.segment_max(jax.tree.map(flat, done), flat(make), flat(j), n, busy)
+    done = tb.narrow(done)                       # us after end of tick t, saturating (too late)
 
-    back = done + lat                                                             # arrival at the pinger
+    # arrival at the pinger; any arrival past the ring horizon expires alike (keeps ticks int32)
+    back = jnp.minimum(done + lat, (d * round_us + dt_us)[rows])
     consume = consume_tick(t, back, round_ticks[rows])
     # the record lives in the ping's table slot; a push-pull reply's payload also in the replier's ring
     expire = jnp.broadcast_to((state.slot_tick + d * round_ticks[:, None])[..., None], make.shape)
@@ -285,7 +318,7 @@ def make(cfg: Config, task, protocol: Protocol, *, communicate: bool = True) -> 
         pong_fate=keep(fate, state.pong_fate),
         pong_tick=keep(jnp.where(fate == EXPIRED, expire, consume), state.pong_tick),
         pong_slot=keep(latest % d, state.pong_slot),
-        pong_done=keep(done + since_send_us(state, t), state.pong_done),
+        pong_done=keep(jnp.minimum(done + since_send_us(state, t), tb.CAP_US), state.pong_done),
         pong_made=keep((latest + 1) * r_j - 1, state.pong_made),
         sent=state.sent + jnp.sum(make, dtype=jnp.int32))
     return state, busy
@@ -342,7 +375,8 @@ def make(cfg: Config, task, protocol: Protocol, *, communicate: bool = True) -> 
     """The round-end tick of a block: replies, aggregation, snapshots, new messages."""
     t = state.tick
     xl = fragments_lib.to_layout(state.params, frags)                                      # (N, F, L)
-    busy = jnp.maximum(state.backlog_us - block_us, -block_us)            # relative to end of tick t
+    # relative to the end of tick t (an idle queue: -block_us, where replies can still start)
+    busy = tb.maximum(tb.sub_narrow(state.backlog_us, block_us), tb.wide(jnp.full((n,), -block_us)))
 
     # a. replies to pings that arrived in this block, then aggregate what is due now
     #    (only receivers ending a round have due records)
@@ -384,8 +418,10 @@ def make(cfg: Config, task, protocol: Protocol, *, communicate: bool = True) -> 
     dst, frag = jax.vmap(protocol.plan, in_axes=(None, 0, 0))(
         sampling.stream(run_key, sampling.STREAM_PLAN), nodes, state.rounds)                 # (N, M)
     service = service_of(jnp.broadcast_to(nodes[:, None], dst.shape), dst, frag)
-    start = jnp.zeros((n,), jnp.int32) if protocol.flush else jnp.maximum(busy, 0)
-    completion = jnp.minimum(start[:, None] + jnp.cumsum(service, axis=1), _BACKLOG_CAP_US)
+    idle = tb.wide(jnp.zeros((n, 1), jnp.int32))
+    start = idle if protocol.flush else tb.maximum(jax.tree.map(lambda x: x[:, None], busy), idle)
+    queue = tb.add(start, tb.cumsum(service, axis=1))              # exact, however far behind
+    completion = tb.narrow(queue)                                   # saturating: exact below the horizon
     arrival = completion + (lat_us[nodes][:, None] + lat_us[dst]) // 2
     expire = t + d * round_ticks                                                            # (N,)
     # arrivals past the expiry are all alike: capping keeps the tick arithmetic in int32
@@ -426,7 +462,8 @@ def make(cfg: Config, task, protocol: Protocol, *, communicate: bool = True) -> 
         msg_done=write(state.msg_done, completion),
         pong_fate=write(state.pong_fate, jnp.zeros((n, mr), jnp.int32)),
         slot_tick=state.slot_tick.at[nodes, k].set(jnp.where(ends, t, state.slot_tick[nodes, k])),
-        backlog_us=jnp.where(ends, completion[:, -1], busy) if not protocol.flush else jnp.zeros((n,), jnp.int32),
+        backlog_us=(tb.where(ends, jax.tree.map(lambda x: x[:, -1], queue), busy) if not protocol.flush
+                    else tb.wide(jnp.zeros((n,), jnp.int32))),
         sent=state.sent + m * jnp.sum(ends, dtype=jnp.int32),
         age_sum=state.age_sum + ages.astype(jnp.float32),
         age_count=state.age_count + n_used,

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from divjax import timebase
 from divjax.config import Config
 
 
@@ -101,8 +102,15 @@ def build(cfg: Config) -> Network:
 def service_us(bits: np.ndarray, bps: np.ndarray) -> np.ndarray:
   """Transmission time in whole microseconds (rounded up), shape (N, F) for bits (F,), bps (N,).
 
-  An infinite rate takes no time."""
-  return np.ceil(bits[None, :].astype(np.float64) * 1e6 / bps[:, None]).astype(np.int64)
+  An infinite rate takes no time; a time beyond timebase.WIDE_MAX_US (17.8 years, after the
+  end of any run) is clamped to it, so that even a vanishing rate gives a finite int64."""
+  us = np.ceil(bits[None, :].astype(np.float64) * 1e6 / bps[:, None])
+  return np.minimum(us, timebase.WIDE_MAX_US).astype(np.int64)
+
+
+def one_service_us(bits, bps: float) -> int:
+  """service_us of one message (host int, for the reference simulator)."""
+  return int(service_us(np.array([bits]), np.array([bps], np.float64))[0, 0])
 
 
 def link_rate_bps(net: Network, src: int, dst: int) -> float:
@@ -112,21 +120,23 @@ def link_rate_bps(net: Network, src: int, dst: int) -> float:
 
 
 def service_fn(net: Network, bits: np.ndarray):
-  """Builds (src, dst, frag) -> transmission time in us (int32, works on traced arrays).
+  """Builds (src, dst, frag) -> transmission time in us (a timebase.Wide, works on traced arrays).
 
   The time is size / min(upload_src, [download_dst,] link(region_src, region_dst)), rounded
   up to whole microseconds, written as the max of the rounded-up parts (ceil is monotone).
   """
   import jax.numpy as jnp
-  up = jnp.asarray(service_us(bits, net.upload_bps), jnp.int32)                          # (N, F)
-  down = (jnp.asarray(service_us(bits, net.download_bps), jnp.int32) if net.download_cap
-          else jnp.zeros_like(up))
+  tb = timebase
+  up = tb.wide_from_host(service_us(bits, net.upload_bps))                                # (N, F)
+  down = tb.wide_from_host(service_us(bits, net.download_bps) if net.download_cap
+                           else np.zeros((len(net.upload_bps), len(bits)), np.int64))
   r = net.link_bps.shape[0]
-  link = jnp.asarray(service_us(bits, net.link_bps.reshape(-1)), jnp.int32).reshape(r, r, -1)
+  link = tb.wide_from_host(service_us(bits, net.link_bps.reshape(-1)).reshape(r, r, -1))
   region = jnp.asarray(net.region, jnp.int32)
 
   def service(src, dst, frag):
-    return jnp.maximum(jnp.maximum(up[src, frag], down[dst, frag]), link[region[src], region[dst], frag])
+    return tb.maximum(tb.maximum(tb.gather(up, src, frag), tb.gather(down, dst, frag)),
+                      tb.gather(link, region[src], region[dst], frag))
 
   return service
 

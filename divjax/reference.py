@@ -113,7 +113,7 @@ def simulate(cfg: Config, task, protocol: Protocol, n_ticks: int, depth: int,
     push(step_time(i, 1), STEP, i)
 
   def service(s, d, f):
-    return int(np.ceil(bits[f] * 1e6 / network_lib.link_rate_bps(net, s, d)))
+    return network_lib.one_service_us(bits[f], network_lib.link_rate_bps(net, s, d))
 
   while events and events[0][0] <= horizon:
     now, kind, _, _, data = heapq.heappop(events)
@@ -314,12 +314,12 @@ def simulate_sync(cfg: Config, task, protocol, n_ticks: int, run_key: Optional[j
     cohort = np.asarray(protocol.cohort(k_mix, rounds)).tolist()
     srv = cfg.server
     lat = {i: (int(round(srv.latency_ms * 1e3)) + int(net.latency_us[i])) // 2 for i in cohort}
-    down = int(np.ceil(bits * 1e6 / (srv.upload_mbps * 1e6)))
-    into_server = int(np.ceil(bits * 1e6 / (srv.download_mbps * 1e6)))
+    down = network_lib.one_service_us(bits, srv.upload_mbps * 1e6)
+    into_server = network_lib.one_service_us(bits, srv.download_mbps * 1e6)
     t, alone = 0, {}
     for i in cohort:                      # the server sends the model to one client after another
       t += down
-      up = int(np.ceil(bits * 1e6 / net.upload_bps[i]))
+      up = network_lib.one_service_us(bits, net.upload_bps[i])
       alone[i] = t + lat[i] + h * int(net.period[i]) * dt + up + lat[i]  # its upload, if alone
     busy = 0
     for i in sorted(cohort, key=lambda i: (alone[i], i)):  # the server link takes one per into_server
@@ -345,7 +345,7 @@ def simulate_sync(cfg: Config, task, protocol, n_ticks: int, run_key: Optional[j
     for s, d, we in zip(src.tolist(), dst.tolist(), w.tolist()):
       if we <= 0:
         continue
-      busy[s] += int(np.ceil(bits * 1e6 / network_lib.link_rate_bps(net, s, d)))
+      busy[s] += network_lib.one_service_us(bits, network_lib.link_rate_bps(net, s, d))
       finish = max(finish, busy[s] + (int(net.latency_us[s]) + int(net.latency_us[d])) // 2)
     if now + finish > horizon:
       break

@@ -34,9 +34,15 @@ import numpy as np
 from divjax import network as network_lib
 from divjax import nodes as nodes_lib
 from divjax import sampling
+from divjax import timebase as tb
 from divjax.config import Config
 
-_TIME_LIMIT_US = (1 << 31) - 1
+_TIME_LIMIT_US = (1 << 31) - 1  # round times saturate here: a round that long never fits a run
+
+
+def add(a, b):
+  """Saturating sum of non-negative int32 times: a round past the limit stays past it."""
+  return tb.sat_add(a, b, _TIME_LIMIT_US)
 
 
 class SyncProtocol(NamedTuple):
@@ -86,41 +92,43 @@ def make(cfg: Config, task, protocol: SyncProtocol) -> SyncEngine:
   net = network_lib.build(cfg)
   sgd = nodes_lib.make(cfg, task)
   bits = np.array([32 * task.n_params + cfg.network.header_bits])
-  service_of = network_lib.service_fn(net, bits)
+  wide_service = network_lib.service_fn(net, bits)
+  service_of = lambda *a: tb.narrow(wide_service(*a), _TIME_LIMIT_US)   # saturating: exact up to the limit
   lat_us = jnp.asarray(net.latency_us, jnp.int32)
-  compute_us = jnp.asarray(h * net.period * net.dt_us, jnp.int32)                           # (N,)
+  compute_us = jnp.asarray(np.minimum(h * net.period * net.dt_us, _TIME_LIMIT_US), jnp.int32)                           # (N,)
   dt_us = net.dt_us
   k_mix = lambda run_key: sampling.stream(run_key, sampling.STREAM_PLAN)
 
   def round_duration(src, dst, w):
-    """Exact barrier time of one round (microseconds)."""
+    """Exact barrier time of one round (microseconds, saturating at the time limit)."""
     live = w > 0
     svc = jnp.where(live, service_of(src, dst, jnp.zeros_like(src)), 0)
     order = jnp.argsort(src, stable=True)           # each sender serves its edges in list order
     s_src, s_svc = src[order], svc[order]
-    totals = jax.ops.segment_sum(s_svc, s_src, num_segments=n)
-    before = jnp.cumsum(totals) - totals              # work of lower-numbered senders
-    completion = jnp.cumsum(s_svc) - before[s_src]
-    finish = compute_us[s_src] + completion + (lat_us[s_src] + lat_us[dst[order]]) // 2
+    first = jnp.concatenate([jnp.array([True]), s_src[1:] != s_src[:-1]])
+    completion = tb.sat_segmented_cumsum(s_svc, first, _TIME_LIMIT_US)
+    finish = add(add(compute_us[s_src], completion), (lat_us[s_src] + lat_us[dst[order]]) // 2)
     return jnp.maximum(jnp.max(compute_us), jnp.max(jnp.where(live[order], finish, 0)))
 
   server = cfg.server
   server_lat = int(round(server.latency_ms * 1e3))
   to_server_lat = jnp.asarray((server_lat + net.latency_us) // 2, jnp.int32)             # (N,)
-  down_svc = jnp.asarray(network_lib.service_us(bits, np.full(n, server.upload_mbps * 1e6))[:, 0], jnp.int32)
-  up_svc = jnp.asarray(network_lib.service_us(bits, net.upload_bps)[:, 0], jnp.int32)     # (N,)
-  in_svc = int(network_lib.service_us(bits, np.array([server.download_mbps * 1e6]))[0, 0])
+  host_svc = lambda bps: jnp.asarray(np.minimum(network_lib.service_us(bits, bps)[:, 0], _TIME_LIMIT_US), jnp.int32)
+  down_svc = host_svc(np.full(n, server.upload_mbps * 1e6))
+  up_svc = host_svc(net.upload_bps)                                                     # (N,)
+  in_svc = host_svc(np.array([server.download_mbps * 1e6]))[0]
   sizes = jnp.asarray(task.counts, jnp.float32)                                          # (N,)
 
   def server_round_duration(cohort):
     """Exact FedAvg round time (microseconds): serial downloads, training, serial uploads."""
-    arrive = jnp.cumsum(down_svc[cohort]) + to_server_lat[cohort]           # client has the model
+    down = tb.sat_segmented_cumsum(down_svc[cohort], jnp.arange(cohort.shape[0]) == 0, _TIME_LIMIT_US)
+    arrive = add(down, to_server_lat[cohort])                               # client has the model
     # its upload, alone, would be done then
-    alone = arrive + compute_us[cohort] + up_svc[cohort] + to_server_lat[cohort]
+    alone = add(add(add(arrive, compute_us[cohort]), up_svc[cohort]), to_server_lat[cohort])
     order = jnp.lexsort((cohort, alone))
 
     def serve(busy, k):
-      done = jnp.maximum(busy + in_svc, alone[k])
+      done = jnp.maximum(add(busy, in_svc), alone[k])
       return done, None
 
     last, _ = jax.lax.scan(serve, jnp.zeros((), jnp.int32), order)
@@ -179,7 +187,7 @@ def make(cfg: Config, task, protocol: SyncProtocol) -> SyncEngine:
     def fits(carry):
       s, _, _ = carry
       _, dur = next_round(s)
-      return s.time_us + dur <= target_us
+      return dur <= target_us - s.time_us   # no overflow: time_us <= target_us
 
     def body(carry):
       s, loss_sum, count = carry

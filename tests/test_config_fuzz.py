@@ -223,8 +223,9 @@ def _bad_values(field) -> st.SearchStrategy:
   if "gt" in b:
     options.append(num(-10**9, math.floor(b["gt"])) if is_int else st.floats(-1e9, b["gt"]))
   if "le" in b:
-    options.append(num(math.floor(b["le"]) + 1, 10**9) if is_int else
-                   st.floats(b["le"], 1e9, exclude_min=True, allow_nan=False))
+    top = max(10**9, 1000 * b["le"])  # bounds can be large (duration_s, header_bits)
+    options.append(num(math.floor(b["le"]) + 1, int(top)) if is_int else
+                   st.floats(b["le"], top, exclude_min=True, allow_nan=False, allow_infinity=False))
   if "lt" in b:
     options.append(num(math.ceil(b["lt"]), 10**9) if is_int else st.floats(b["lt"], 1e9))
   return st.one_of(options)

@@ -33,7 +33,7 @@ def warm():
 ABSURD = [  # (overrides, the key the refusal must name as the driver)
     (["n_nodes=100000", "memory_limit_gb=8"], "n_nodes"),    # about 16 GB (the machine had less)
     (["n_nodes=5000000"], "n_nodes"),                        # about 800 GB
-    (["network.latency_ms=1e9"], "network.latency_ms"),      # automatic ring_depth 12.5M rounds: 4.6 TB
+    (["network.latency_ms=1e6", "memory_limit_gb=1"], "network.latency_ms"),  # automatic ring_depth 12,503: 4.6 GB
     (["n_nodes=256", "fragments=2000", "memory_limit_gb=4"], "fragments"),        # padded fragments
     (["task=mnist", "n_nodes=64", "eval_batch=10000", "memory_limit_gb=0.5"], "eval_batch"),
 ]
@@ -59,10 +59,13 @@ def test_precheck_refuses_absurd_sizes_at_once_naming_the_driver(overrides, key)
 
 
 def test_a_huge_latency_is_named_through_the_automatic_ring_depth():
-  with pytest.raises(memory.TooLarge, match=r"automatic ring_depth \(D = 12500003 rounds\)"):
-    memory.precheck(config.load(None, ["network.latency_ms=1e9"]))
+  with pytest.raises(memory.TooLarge, match=r"automatic ring_depth \(D = 12503 rounds\)"):
+    memory.precheck(config.load(None, ["network.latency_ms=1e6", "memory_limit_gb=1"]))
   # with a fixed depth the same latency costs nothing more (those messages expire)
-  memory.precheck(config.load(None, ["network.latency_ms=1e9", "ring_depth=4"]))
+  memory.precheck(config.load(None, ["network.latency_ms=1e6", "memory_limit_gb=1", "ring_depth=4"]))
+  # the 1e9 ms is refused by the config itself, naming the key
+  with pytest.raises(config.ConfigError, match=r"network\.latency_ms"):
+    config.load(None, ["network.latency_ms=1e9"])
 
 
 # ------------------------------------------------------- the config's shapes are the run's
