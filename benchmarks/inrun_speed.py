@@ -32,7 +32,7 @@ def main():
   ap.add_argument("--set", nargs="*", default=[], help="further config overrides key=value")
   args = ap.parse_args()
 
-  from divjax import sharding
+  from divjax import sharding, simulate as _sim  # noqa: F401
   sharding.request_cpu_devices(args.devices)  # before the backend starts
   import jax
   from divjax import config, simulate
@@ -43,16 +43,16 @@ def main():
       over.append(f"data.dir={args.data}")
     cfg = config.load(args.config, over)
     sim = simulate.build(cfg, communicate=not args.local_only)
-    state = sharding.place(sim.engine.init(sim.run_key), sim.mesh, n)
+    state = simulate.place(sim, sim.engine.init(sim.run_key))
     t0 = time.perf_counter()
     run = simulate.compile_chunk(sim, state, args.ticks)
     compile_s = time.perf_counter() - t0
-    state, _ = run(state, sim.run_key, sim.hyper)  # warm-up call
+    state, _ = run(state, sim.params)  # warm-up call
     jax.block_until_ready(state.params)
     rates = []
     for _ in range(args.repeats):
       t0 = time.perf_counter()
-      state, _ = run(state, sim.run_key, sim.hyper)
+      state, _ = run(state, sim.params)
       jax.block_until_ready(state.params)
       rates.append(n * args.ticks * cfg.batch_size / (time.perf_counter() - t0))
     print(json.dumps({"config": args.config, "n_nodes": n, "devices": args.devices,

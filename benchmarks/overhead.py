@@ -29,7 +29,7 @@ def prepare(cfg, communicate: bool, ticks: int):
   sim = simulate.build(cfg, communicate=communicate)
   state = sim.engine.init(sim.run_key)
   run = simulate.compile_chunk(sim, state, ticks)
-  state, _ = run(state, sim.run_key, sim.hyper)  # warm-up
+  state, _ = run(state, sim.params)  # warm-up
   jax.block_until_ready(state.params)
   return [sim, run, state]
 
@@ -37,7 +37,7 @@ def prepare(cfg, communicate: bool, ticks: int):
 def timed(prep) -> float:
   sim, run, state = prep
   t0 = time.perf_counter()
-  state, _ = run(state, sim.run_key, sim.hyper)
+  state, _ = run(state, sim.params)
   jax.block_until_ready(state.params)
   prep[2] = state
   return time.perf_counter() - t0

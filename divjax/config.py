@@ -102,6 +102,9 @@ class ServerConfig(_Strict):
 class DataConfig(_Strict):
   """Task data. `dir` is for real datasets; the other keys shape the synthetic task."""
   dir: Optional[str] = None
+  # Seed of the host-side draws: data partition, fragment partition, straggler choice, random
+  # graphs. None: the run's `seed` (which also keys the initial model, batches and plans).
+  seed: Optional[int] = Field(None, ge=0)
   # "auto": `classes` for the synthetic task, the paper's `kshard` for image data
   partition: Literal["auto", "classes", "kshard", "dirichlet", "iid"] = "auto"
   shards: int = Field(5, ge=1)  # blocks per node for kshard
@@ -157,6 +160,11 @@ class Config(_Strict):
   server: ServerConfig = ServerConfig()
   data: DataConfig = DataConfig()
 
+  @property
+  def data_seed(self) -> int:
+    """The seed of the host-side draws (data.seed, defaulting to seed)."""
+    return self.seed if self.data.seed is None else self.data.seed
+
   @field_validator("devices", mode="before")
   @classmethod
   def _devices(cls, v):
@@ -194,6 +202,8 @@ class Config(_Strict):
     """Sizes that validate but could not run: node ids, ticks and seeds are 32-bit on the device."""
     if self.seed >= 2**32:
       raise ValueError(f"seed: must be < 2**32 (got {self.seed})")
+    if self.data.seed is not None and self.data.seed >= 2**32:
+      raise ValueError(f"data.seed: must be < 2**32 (got {self.data.seed})")
     if self.n_nodes > MAX_NODES:
       raise ValueError(f"n_nodes: at most {MAX_NODES} (got {self.n_nodes})")
     ticks = self.duration_s / self.network.compute_s_per_step
@@ -394,7 +404,7 @@ def _check_algorithm(cfg: Config) -> None:
                           f"edges, more than {MAX_GRAPH_EDGES} (choose a sparser topology, e.g. ring, "
                           f"torus or regular with a small topology_degree)")
       try:
-        edges = topology.fixed(cfg.topology, cfg.n_nodes, degree=cfg.topology_degree, seed=cfg.seed,
+        edges = topology.fixed(cfg.topology, cfg.n_nodes, degree=cfg.topology_degree, seed=cfg.data_seed,
                                edge_list=cfg.topology_edges)
         if cfg.algorithm == "swift_original":
           topology.neighbour_lists(edges, cfg.n_nodes, cfg.topology)

@@ -176,14 +176,14 @@ def _protocol(cfg: Config) -> dict:
     edges = {"dpsgd": lambda: _directed_degree(cfg)[1], "el": lambda: cfg.n_nodes * j,
              "fedavg": lambda: cfg.server.cohort or cfg.n_nodes}[a]()
     return base | dict(routes=0, edges=edges, sync=True)
-  from divjax import algorithms, sync  # an algorithm registered later: ask it
-  proto = algorithms.make(cfg)
-  if isinstance(proto, sync.SyncProtocol):
+  from divjax import algorithms  # an algorithm registered later: ask it
+  if algorithms.PROPERTIES[a].synchronous:
     return base | dict(routes=0, edges=cfg.n_nodes, sync=True)
-  k = 0 if proto.neighbours is None else int(np.shape(proto.neighbours)[1])
-  return base | dict(flush=proto.flush, frags=proto.fragments, messages=proto.messages,
-                     replies=proto.messages if proto.reply else 0, store=k,
-                     routes=0 if proto.pairwise or k else 1 + bool(proto.reply))
+  alg = algorithms.make(cfg)
+  reply = alg.replies is not None
+  return base | dict(flush=alg.queue.flush, frags=alg.fragments, messages=alg.messages,
+                     replies=alg.messages if reply else 0,
+                     routes=0 if reply and alg.replies.pairwise else 1 + reply)
 
 
 def ring_depth(cfg: Config, flush: bool) -> int:
@@ -197,10 +197,11 @@ def ring_depth(cfg: Config, flush: bool) -> int:
                                           if s.kind in ("compute", "both") else 1] if slow else [])
   net = types.SimpleNamespace(period=np.array(periods, np.int64), dt_us=cfg.dt_us,
                               latency_us=np.array([int(round(cfg.network.latency_ms * 1e3))], np.int64))
+  alg = types.SimpleNamespace(queue=types.SimpleNamespace(flush=flush))
   try:
-    return int(engine.ring_depth(cfg, types.SimpleNamespace(flush=flush), net))
+    return int(engine.ring_depth(cfg, alg, net))
   except AttributeError:  # engine.ring_depth reads more of the network than this: build it
-    return int(engine.ring_depth(cfg, types.SimpleNamespace(flush=flush), network.build(cfg)))
+    return int(engine.ring_depth(cfg, alg, network.build(cfg)))
 
 
 def _model(cfg: Config):
@@ -381,10 +382,10 @@ def _tree_bytes(tree) -> int:
 def _measured_state(sim) -> dict[str, int]:
   """The state's parts, read off the engine's own init (jax.eval_shape: nothing allocated)."""
   st = jax.eval_shape(sim.engine.init, sim.run_key)
+  nodes = getattr(st, "nodes", st)   # the asynchronous engine nests its parts
   get = lambda k: _tree_bytes(getattr(st, k, ()))
-  out = {"params": get("params"), "optimizer": get("opt_state"), "ring": get("ring"),
-         "messages": sum(get(k) for k in st._fields if k.startswith(("msg_", "pong_", "slot_"))),
-         "stored_copies": get("store")}
+  out = {"params": _tree_bytes(st.params), "optimizer": _tree_bytes(nodes.opt_state), "ring": get("ring"),
+         "messages": get("msgs") + get("replies"), "stored_copies": get("alg")}
   out["other_state"] = _tree_bytes(st) - sum(out.values())
   return out
 

@@ -15,7 +15,7 @@ that latency).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -70,7 +70,7 @@ def straggler_ids(cfg: Config) -> np.ndarray:
   if s.nodes is not None:
     return np.array(sorted(set(s.nodes)), dtype=np.int64)
   k = int(round(s.fraction * cfg.n_nodes))
-  rng = np.random.default_rng([cfg.seed, 0x5747])  # own stream: independent of the data split
+  rng = np.random.default_rng([cfg.data_seed, 0x5747])  # own stream: independent of the data split
   return np.sort(rng.permutation(cfg.n_nodes)[:k]).astype(np.int64)
 
 
@@ -119,26 +119,51 @@ def link_rate_bps(net: Network, src: int, dst: int) -> float:
   return min(rate, net.download_bps[dst]) if net.download_cap else rate
 
 
-def service_fn(net: Network, bits: np.ndarray):
-  """Builds (src, dst, frag) -> transmission time in us (a timebase.Wide, works on traced arrays).
+class Links(NamedTuple):
+  """The network as traced arrays (part of engine.Params): changing them does not recompile.
+
+  Transmission times are whole microseconds computed on the host in float64 (service_us), per
+  node and fragment size, so the engine and the reference see exactly the same times.
+  """
+  up: timebase.Wide         # (N, F) size / upload rate of the sender
+  down: timebase.Wide       # (N, F) size / download rate of the receiver (0 without download_cap)
+  link: timebase.Wide       # (R, R, F) size / region-to-region cap
+  region: Any               # (N,) int32
+  latency_us: Any           # (N,) int32, one-way
+  period: Any               # (N,) int32, ticks per local step
+
+
+def links(net: Network, bits: np.ndarray) -> Links:
+  """The traced link tables of `net` for messages of `bits` (F,) bits."""
+  import jax.numpy as jnp
+  tb = timebase
+  r = net.link_bps.shape[0]
+  down = (service_us(bits, net.download_bps) if net.download_cap
+          else np.zeros((len(net.upload_bps), len(bits)), np.int64))
+  return Links(
+      up=tb.wide_from_host(service_us(bits, net.upload_bps)),
+      down=tb.wide_from_host(down),
+      link=tb.wide_from_host(service_us(bits, net.link_bps.reshape(-1)).reshape(r, r, -1)),
+      region=jnp.asarray(net.region, jnp.int32),
+      latency_us=jnp.asarray(net.latency_us, jnp.int32),
+      period=jnp.asarray(net.period, jnp.int32))
+
+
+def service(lk: Links, src, dst, frag) -> timebase.Wide:
+  """Transmission time in us of fragment `frag` from src to dst (works on traced arrays).
 
   The time is size / min(upload_src, [download_dst,] link(region_src, region_dst)), rounded
   up to whole microseconds, written as the max of the rounded-up parts (ceil is monotone).
   """
-  import jax.numpy as jnp
   tb = timebase
-  up = tb.wide_from_host(service_us(bits, net.upload_bps))                                # (N, F)
-  down = tb.wide_from_host(service_us(bits, net.download_bps) if net.download_cap
-                           else np.zeros((len(net.upload_bps), len(bits)), np.int64))
-  r = net.link_bps.shape[0]
-  link = tb.wide_from_host(service_us(bits, net.link_bps.reshape(-1)).reshape(r, r, -1))
-  region = jnp.asarray(net.region, jnp.int32)
+  return tb.maximum(tb.maximum(tb.gather(lk.up, src, frag), tb.gather(lk.down, dst, frag)),
+                    tb.gather(lk.link, lk.region[src], lk.region[dst], frag))
 
-  def service(src, dst, frag):
-    return tb.maximum(tb.maximum(tb.gather(up, src, frag), tb.gather(down, dst, frag)),
-                      tb.gather(link, region[src], region[dst], frag))
 
-  return service
+def service_fn(net: Network, bits: np.ndarray):
+  """(src, dst, frag) -> transmission time in us (a timebase.Wide), the links fixed."""
+  lk = links(net, bits)
+  return lambda src, dst, frag: service(lk, src, dst, frag)
 
 
 def link_latency_us(net: Network, src, dst):

@@ -23,21 +23,21 @@ from divjax.config import Config
 
 class LocalSGD(NamedTuple):
   init_opt: Callable   # params (N, P) -> optax state with leaves (N, ...)
-  step: Callable       # (params, opt_state, steps, data, run_key, lr, active) -> (params, opt_state, steps, losses)
+  step: Callable       # (params, opt_state, steps, data, run_key, lr, momentum, active) -> (params, opt_state, steps, losses)
 
 
 def make(cfg: Config, task) -> LocalSGD:
   n, b = cfg.n_nodes, cfg.batch_size
   node_ids = jnp.arange(n, dtype=jnp.int32)
-  momentum = cfg.momentum if cfg.momentum > 0 else None
+  has_momentum = cfg.momentum > 0   # static: it adds a velocity per node to the state
 
-  def make_opt(lr):  # lr may be traced: sweeping it does not recompile
-    return optax.sgd(lr, momentum=momentum)
+  def make_opt(lr, momentum):  # both may be traced: sweeping them does not recompile
+    return optax.sgd(lr, momentum=momentum if has_momentum else None)
 
   def init_opt(params):
-    return jax.vmap(make_opt(0.0).init)(params)
+    return jax.vmap(make_opt(0.0, 0.0).init)(params)
 
-  def step_block(params, opt_state, steps, nodes, data, run_key, lr, active):
+  def step_block(params, opt_state, steps, nodes, data, run_key, lr, momentum, active):
     """One local step of every node where `active` is True; others are left as they are.
 
     Works on any block of nodes (`nodes`: their global ids); `data` is the task's TrainData,
@@ -61,17 +61,17 @@ def make(cfg: Config, task) -> LocalSGD:
     # reads a parameter (about 25% slower at N = 64)
     grads, losses = models.map_groups(grads_and_losses, task.group, jax.vmap(task.unravel)(params), x, y)
     grads = jax.vmap(lambda t: ravel_pytree(t)[0])(grads)                                  # (N, P)
-    updates, new_opt = jax.vmap(make_opt(lr).update)(grads, opt_state, params)
+    updates, new_opt = jax.vmap(make_opt(lr, momentum).update)(grads, opt_state, params)
     keep = lambda new, old: jnp.where(active.reshape(active.shape + (1,) * (new.ndim - 1)), new, old)
     return (keep(params + updates, params), jax.tree.map(keep, new_opt, opt_state),
             steps + active.astype(steps.dtype), losses)
 
   # with `devices: K`, each device trains its own N/K nodes (no communication in a local step)
   mesh = sharding.node_mesh(sharding.device_count(cfg.devices, n))
-  block = sharding.over_nodes(step_block, mesh, (True, True, True, True, False, False, False, True))
+  block = sharding.over_nodes(step_block, mesh, (True, True, True, True, False, False, False, False, True))
 
-  def step(params, opt_state, steps, data, run_key, lr, active):
+  def step(params, opt_state, steps, data, run_key, lr, momentum, active):
     """One local step of every node where `active` (N,) is True (see step_block)."""
-    return block(params, opt_state, steps, node_ids, data, run_key, lr, active)
+    return block(params, opt_state, steps, node_ids, data, run_key, lr, momentum, active)
 
   return LocalSGD(init_opt=init_opt, step=step)

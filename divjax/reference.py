@@ -14,6 +14,7 @@ round). Times are integer microseconds.
 
 from __future__ import annotations
 
+import enum
 import heapq
 import itertools
 from dataclasses import dataclass, field
@@ -26,10 +27,17 @@ import numpy as np
 from divjax import fragments as fragments_lib
 from divjax import network as network_lib
 from divjax import sampling
-from divjax.algorithms.base import Protocol
+from divjax.algorithms.base import AsyncAlgorithm, Received
 from divjax.config import Config
 
-STEP, ARRIVE, AGGREGATE, SEND = 0, 1, 2, 3
+
+class Event(enum.IntEnum):
+  """Event kinds, in the order same-instant events are processed."""
+  UPLOADED = -1   # a message leaves its sender's queue (before anything else at that instant)
+  STEP = 0        # a node finishes a local step
+  ARRIVE = 1      # a message reaches its receiver
+  AGGREGATE = 2   # a node that ended a round averages what it received
+  SEND = 3        # ... then starts its next round's sends
 
 
 @dataclass(eq=False)  # messages are compared by identity
@@ -44,12 +52,14 @@ class Message:
   status: str = "queued"  # queued, transit, buffered, replaced; then delivered, superseded, flushed, expired
   ping: bool = False                  # asks the receiver for a reply (AD-PSGD)
   reply: bool = False                 # is such a reply
+  info: object = None                 # what the algorithm attaches to it (reference_message)
 
 
 @dataclass
 class Node:
   params: np.ndarray
   momentum: np.ndarray
+  alg_state: object = None            # the algorithm's own state (reference_init)
   steps: int = 0
   rounds: int = 0
   busy_until: int = 0                 # the upload link is busy until then
@@ -61,10 +71,206 @@ class Node:
   latest_round: int = -1
   latest_time: int = 0
   exchanges: list = field(default_factory=list)  # arrived replies of pairwise exchanges, in order
-  store: list = field(default_factory=list)      # newest model from each fixed neighbour (SWIFT)
 
 
-def simulate(cfg: Config, task, protocol: Protocol, n_ticks: int, depth: int,
+class _Sim:
+  """The event loop's state and one handler per Event kind."""
+
+  def __init__(self, cfg: Config, task, alg: AsyncAlgorithm, n_ticks: int, depth: int, run_key, trace):
+    self.cfg, self.alg, self.depth, self.trace = cfg, alg, depth, trace
+    self.h = cfg.local_steps
+    self.net = net = network_lib.build(cfg)
+    frags = fragments_lib.partition(task.tensor_sizes, alg.fragments, cfg.data_seed)
+    self.coords = [np.flatnonzero(frags.frag_of == f) for f in range(frags.n)]
+    self.bits = alg.payload_bits(frags.sizes) + cfg.network.header_bits
+    self.dt = net.dt_us
+    self.horizon = n_ticks * self.dt
+    self.reply = alg.replies is not None
+    self.pairwise = self.reply and alg.replies.pairwise
+    k_batch = sampling.stream(run_key, sampling.STREAM_BATCH)
+    k_plan = sampling.stream(run_key, sampling.STREAM_PLAN)
+    p0 = np.asarray(task.init_flat(sampling.stream(run_key, sampling.STREAM_INIT)), np.float32)
+    self.nodes = [Node(p0.copy(), np.zeros_like(p0), alg.reference_init(p0)) for _ in range(cfg.n_nodes)]
+    self.grad_fn = jax.jit(jax.grad(lambda p, x, y: task.loss_stacked(p[None], x[None], y[None])[0]))
+    self.batch_fn = jax.jit(lambda i, k: sampling.batch_indices(k_batch, i, k, task.parts, task.counts,
+                                                                cfg.batch_size))
+    self.plan_fn = jax.jit(lambda i, r: alg.plan(k_plan, i, r))
+    self.x_train, self.y_train = np.asarray(task.x_train), np.asarray(task.y_train)
+    self.counts = dict(sent=0, delivered=0, superseded=0, flushed=0, expired=0)
+    self.age_sum, self.age_count = 0, 0
+    self.events, self.seq = [], itertools.count()
+    for i in range(cfg.n_nodes):
+      self.push(self.step_time(i, 1), Event.STEP, i)
+
+  def push(self, time, kind, data, key=()):
+    # Same-time events of one kind run in `key` order, then in creation order. Arrivals at the
+    # same instant are taken in (upload completion, sender) order, which is what fixes the order
+    # of simultaneous replies in a queue (the engine sorts the same way).
+    heapq.heappush(self.events, (time, kind, key, next(self.seq), data))
+
+  def step_time(self, i, k):  # the k-th step (1-based) of node i completes then
+    return k * int(self.net.period[i]) * self.dt
+
+  def service(self, s, d, f):
+    return network_lib.one_service_us(self.bits[f], network_lib.link_rate_bps(self.net, s, d))
+
+  def enqueue(self, msg: Message, now: int, sender_slot: Optional[int]):
+    """Puts a message in its sender's FIFO queue; its payload lives in the sender's round
+    `sender_slot` (None: the payload is never read, so it is not the sender's to expire)."""
+    node = self.nodes[msg.src]
+    start = max(node.busy_until, now)
+    msg.completion = node.busy_until = start + self.service(msg.src, msg.dst, msg.frag)
+    node.queue.append(msg)
+    self.counts["sent"] += 1
+    self.push(msg.completion, Event.UPLOADED, msg)
+    if sender_slot is not None:
+      node.sent.setdefault(sender_slot, []).append(msg)
+
+  def run(self):
+    handlers = {Event.STEP: self.on_step, Event.ARRIVE: self.on_arrive, Event.AGGREGATE: self.on_aggregate,
+                Event.SEND: self.on_send, Event.UPLOADED: self.on_uploaded}
+    while self.events and self.events[0][0] <= self.horizon:
+      now, kind, _, _, data = heapq.heappop(self.events)
+      handlers[kind](now, data)
+
+  def on_step(self, now, i):
+    """One local SGD step; after the H-th, the round ends (aggregate, then send)."""
+    node, cfg = self.nodes[i], self.cfg
+    idx = np.asarray(self.batch_fn(i, node.steps))
+    g = np.asarray(self.grad_fn(node.params, self.x_train[idx], self.y_train[idx]))
+    node.momentum = g + cfg.momentum * node.momentum if cfg.momentum > 0 else g
+    node.params = (node.params - np.float32(cfg.lr) * node.momentum).astype(np.float32)
+    node.steps += 1
+    self.push(self.step_time(i, node.steps + 1), Event.STEP, i)
+    if node.steps % self.h == 0:
+      snapshot = node.params.copy()  # post-training, pre-aggregation model
+      self.push(now, Event.AGGREGATE, i, key=(i,))  # same-instant round ends in node order
+      self.push(now, Event.SEND, (i, snapshot))
+
+  def on_uploaded(self, now, msg):
+    """Upload done: the message leaves the queue and travels for the link latency."""
+    if msg.status != "queued":
+      return
+    self.nodes[msg.src].queue.remove(msg)
+    msg.status = "transit"
+    latency = (int(self.net.latency_us[msg.src]) + int(self.net.latency_us[msg.dst])) // 2
+    self.push(now + latency, Event.ARRIVE, msg, key=(msg.completion, msg.src))
+
+  def on_arrive(self, now, msg):
+    """Into the receiver's buffer (a newer copy replaces an older one); pings get replies."""
+    if msg.status != "transit":  # expired on the way
+      return
+    rcv = self.nodes[msg.dst]
+    if msg.reply and self.pairwise:  # completes an exchange at the pinger's next round end
+      msg.status = "buffered"
+      rcv.exchanges.append(msg)
+      return
+    old = rcv.buffer.get((msg.src, msg.frag))
+    if old is not None:  # the newer copy replaces the older one
+      old.status = "replaced"  # counted as superseded at the receiver's next aggregation
+      rcv.replaced.append(old)
+    msg.status = "buffered"
+    rcv.buffer[(msg.src, msg.frag)] = msg
+    if msg.ping and self.pairwise:  # the exchange's reply; its payload is never read
+      pong = Message(msg.dst, msg.src, 0, msg.round, msg.send_time, rcv.params.copy(), reply=True)
+      self.enqueue(pong, now, None)
+      self.nodes[msg.src].sent[msg.round].append(pong)
+    elif msg.ping and rcv.latest is not None:  # reply at once with the latest snapshot
+      pong = Message(msg.dst, msg.src, 0, rcv.latest_round, rcv.latest_time, rcv.latest.copy(), reply=True)
+      # its payload slot is the replier's round; the ping's table slot holds its record
+      self.enqueue(pong, now, rcv.latest_round)
+      if self.trace is not None:
+        self.trace.append((now, "reply", pong))
+      self.nodes[msg.src].sent[msg.round].append(pong)
+
+  def on_aggregate(self, now, i):
+    """The algorithm's rule over what arrived; pairwise exchanges average both partners."""
+    node = self.nodes[i]
+    received = []
+    for msg in node.buffer.values():
+      received.append(Received(msg.src, self.coords[msg.frag], msg.payload, (now - msg.send_time) // self.dt,
+                               msg.info))
+      msg.status = "delivered"
+      self.counts["delivered"] += 1
+      if not self.pairwise:
+        self.age_sum += (now - msg.send_time) // self.dt
+        self.age_count += 1
+    for msg in node.exchanges:  # AD-PSGD: both models become their average, atomically
+      other = self.nodes[msg.src]
+      mean = ((node.params + other.params) / np.float32(2)).astype(np.float32)
+      node.params, other.params = mean, mean.copy()
+      msg.status = "delivered"
+      self.counts["delivered"] += 1
+      self.age_sum += (now - msg.send_time) // self.dt
+      self.age_count += 1
+    node.exchanges = []
+    for msg in node.replaced:
+      msg.status = "superseded"
+      self.counts["delivered"] += 1
+      self.counts["superseded"] += 1
+    if self.trace is not None:
+      self.trace.extend((now, "used", m) for m in node.buffer.values())
+      self.trace.extend((now, "superseded", m) for m in node.replaced)
+    node.params, node.alg_state = self.alg.reference_aggregate(i, node.params, received, node.alg_state)
+    node.buffer, node.replaced = {}, []
+
+  def on_send(self, now, data):
+    """Expire round r - D, flush the queue if the algorithm does, enqueue the new round."""
+    i, snapshot = data
+    node = self.nodes[i]
+    r = node.rounds
+    # messages of round r - D lose their payload slot now
+    # (a copy already replaced by a newer one in a buffer loses its payload all the same)
+    for msg in node.sent.pop(r - self.depth, []):
+      if msg.status in ("queued", "transit", "buffered", "replaced"):
+        self.expire(msg)
+    if self.alg.queue.flush:
+      for msg in node.queue:
+        msg.status = "flushed"
+        self.counts["flushed"] += 1
+      node.queue = []
+      node.busy_until = now
+    dst, frag = (np.asarray(a) for a in self.plan_fn(i, r))
+    node.sent.setdefault(r, [])
+    info = self.alg.reference_message(node.alg_state)
+    for d, f in zip(dst.tolist(), frag.tolist()):
+      self.enqueue(Message(i, d, f, r, now, snapshot[self.coords[f]].copy(), ping=self.reply, info=info),
+                   now, r)
+    node.latest, node.latest_round, node.latest_time = snapshot, r, now
+    node.rounds += 1
+
+  def expire(self, msg):
+    if msg.status == "buffered" and msg.reply and self.pairwise:
+      self.nodes[msg.dst].exchanges.remove(msg)
+    elif msg.status == "buffered":
+      del self.nodes[msg.dst].buffer[(msg.src, msg.frag)]
+    if msg.status == "replaced":
+      self.nodes[msg.dst].replaced.remove(msg)
+    if msg.status == "queued":
+      self.nodes[msg.src].queue.remove(msg)
+    msg.status = "expired"
+    self.counts["expired"] += 1
+
+  def results(self):
+    nodes = self.nodes
+    alive = {id(m) for node in nodes for msgs in node.sent.values() for m in msgs
+             if m.status in ("queued", "transit", "buffered")}  # a reply is listed twice
+    c = self.counts
+    return np.stack([nd.params for nd in nodes]), {
+        "msgs_sent": c["sent"],
+        "msgs_delivered": c["delivered"],
+        "msgs_superseded": c["superseded"],
+        "msgs_flushed": c["flushed"],
+        "msgs_expired": c["expired"],
+        "msgs_in_flight": len(alive) + sum(len(nd.replaced) for nd in nodes),
+        "age_sum": self.age_sum,
+        "age_count": self.age_count,
+        "steps": np.array([nd.steps for nd in nodes]),
+        "rounds": np.array([nd.rounds for nd in nodes]),
+    }
+
+
+def simulate(cfg: Config, task, alg: AsyncAlgorithm, n_ticks: int, depth: int,
              run_key: Optional[jax.Array] = None, trace: Optional[list] = None):
   """Runs the event simulation up to simulated time n_ticks * dt.
 
@@ -72,209 +278,10 @@ def simulate(cfg: Config, task, protocol: Protocol, n_ticks: int, depth: int,
     params (N, P) float32 and a dict of message counts in the engine's vocabulary. If `trace`
     is a list, consumed messages and replies are appended to it (for debugging).
   """
-  n, h = cfg.n_nodes, cfg.local_steps
-  net = network_lib.build(cfg)
-  frags = fragments_lib.partition(task.tensor_sizes, protocol.fragments, cfg.seed)
-  coords = [np.flatnonzero(frags.frag_of == f) for f in range(frags.n)]
-  bits = frags.sizes * 32 + cfg.network.header_bits
-  dt = net.dt_us
-  horizon = n_ticks * dt
   run_key = jax.random.key(cfg.seed) if run_key is None else run_key
-  k_batch = sampling.stream(run_key, sampling.STREAM_BATCH)
-  k_plan = sampling.stream(run_key, sampling.STREAM_PLAN)
-
-  p0 = np.asarray(task.init_flat(sampling.stream(run_key, sampling.STREAM_INIT)), np.float32)
-  nodes = [Node(p0.copy(), np.zeros_like(p0)) for _ in range(n)]
-  nbrs = protocol.neighbours
-  if nbrs is not None:  # stored copies start as the common initial model
-    for node in nodes:
-      node.store = [p0.copy() for _ in range(nbrs.shape[1])]
-
-  grad_fn = jax.jit(jax.grad(lambda p, x, y: task.loss_stacked(p[None], x[None], y[None])[0]))
-  batch_fn = jax.jit(lambda i, k: sampling.batch_indices(k_batch, i, k, task.parts, task.counts,
-                                                         cfg.batch_size))
-  plan_fn = jax.jit(lambda i, r: protocol.plan(k_plan, i, r))
-  x_train, y_train = np.asarray(task.x_train), np.asarray(task.y_train)
-
-  counts = dict(sent=0, delivered=0, superseded=0, flushed=0, expired=0)
-  age_sum, age_count = 0, 0
-  events, seq = [], itertools.count()
-
-  def push(time, kind, data, key=()):
-    # Same-time events of one kind run in `key` order, then in creation order. Arrivals at the
-    # same instant are taken in (upload completion, sender) order, which is what fixes the order
-    # of simultaneous replies in a queue (the engine sorts the same way).
-    heapq.heappush(events, (time, kind, key, next(seq), data))
-
-  def step_time(i, k):  # the k-th step (1-based) of node i completes then
-    return k * int(net.period[i]) * dt
-
-  for i in range(n):
-    push(step_time(i, 1), STEP, i)
-
-  def service(s, d, f):
-    return network_lib.one_service_us(bits[f], network_lib.link_rate_bps(net, s, d))
-
-  while events and events[0][0] <= horizon:
-    now, kind, _, _, data = heapq.heappop(events)
-
-    if kind == STEP:
-      i = data
-      node = nodes[i]
-      idx = np.asarray(batch_fn(i, node.steps))
-      g = np.asarray(grad_fn(node.params, x_train[idx], y_train[idx]))
-      node.momentum = g + cfg.momentum * node.momentum if cfg.momentum > 0 else g
-      node.params = (node.params - np.float32(cfg.lr) * node.momentum).astype(np.float32)
-      node.steps += 1
-      push(step_time(i, node.steps + 1), STEP, i)
-      if node.steps % h == 0:
-        snapshot = node.params.copy()  # post-training, pre-aggregation model
-        push(now, AGGREGATE, i, key=(i,))  # same-instant round ends in node order
-        push(now, SEND, (i, snapshot))
-
-    elif kind == ARRIVE:
-      msg = data
-      if msg.status != "transit":  # expired on the way
-        continue
-      rcv = nodes[msg.dst]
-      if msg.reply and protocol.pairwise:  # completes an exchange at the pinger's next round end
-        msg.status = "buffered"
-        rcv.exchanges.append(msg)
-        continue
-      old = rcv.buffer.get((msg.src, msg.frag))
-      if old is not None:  # the newer copy replaces the older one
-        old.status = "replaced"  # counted as superseded at the receiver's next aggregation
-        rcv.replaced.append(old)
-      msg.status = "buffered"
-      rcv.buffer[(msg.src, msg.frag)] = msg
-      if msg.ping and protocol.pairwise:  # the exchange's reply; its payload is never read
-        pong = Message(msg.dst, msg.src, 0, msg.round, msg.send_time, rcv.params.copy(), reply=True)
-        start = max(rcv.busy_until, now)
-        pong.completion = rcv.busy_until = start + service(msg.dst, msg.src, 0)
-        rcv.queue.append(pong)
-        counts["sent"] += 1
-        push(pong.completion, -1, pong)
-        nodes[msg.src].sent[msg.round].append(pong)
-      elif msg.ping and rcv.latest is not None:  # reply at once with the latest snapshot
-        pong = Message(msg.dst, msg.src, 0, rcv.latest_round, rcv.latest_time, rcv.latest.copy(),
-                       reply=True)
-        start = max(rcv.busy_until, now)
-        pong.completion = rcv.busy_until = start + service(msg.dst, msg.src, 0)
-        rcv.queue.append(pong)
-        counts["sent"] += 1
-        if trace is not None:
-          trace.append((now, "reply", pong))
-        push(pong.completion, -1, pong)
-        # its payload slot is the replier's round; the ping's table slot holds its record
-        rcv.sent.setdefault(rcv.latest_round, []).append(pong)
-        nodes[msg.src].sent[msg.round].append(pong)
-
-    elif kind == AGGREGATE:
-      i = data
-      node = nodes[i]
-      total = node.params.astype(np.float32).copy()
-      count = np.zeros_like(total)
-      for msg in node.buffer.values():
-        if nbrs is not None:   # SWIFT: replace the stored copy of this neighbour
-          node.store[list(nbrs[i]).index(msg.src)] = msg.payload
-        elif not protocol.pairwise:
-          total[coords[msg.frag]] += msg.payload
-          count[coords[msg.frag]] += 1
-        msg.status = "delivered"
-        counts["delivered"] += 1
-        if not protocol.pairwise:
-          age_sum += (now - msg.send_time) // dt
-          age_count += 1
-      for msg in node.exchanges:  # AD-PSGD: both models become their average, atomically
-        other = nodes[msg.src]
-        mean = ((node.params + other.params) / np.float32(2)).astype(np.float32)
-        node.params, other.params = mean, mean.copy()
-        msg.status = "delivered"
-        counts["delivered"] += 1
-        age_sum += (now - msg.send_time) // dt
-        age_count += 1
-      node.exchanges = []
-      if protocol.pairwise:
-        total = node.params.copy()
-      if nbrs is not None:
-        total = node.params.astype(np.float32).copy()
-        for copy in node.store:
-          total += copy
-        count[:] = len(node.store)
-      for msg in node.replaced:
-        msg.status = "superseded"
-        counts["delivered"] += 1
-        counts["superseded"] += 1
-      if trace is not None:
-        trace.extend((now, "used", m) for m in node.buffer.values())
-        trace.extend((now, "superseded", m) for m in node.replaced)
-      node.params = (total / (1.0 + count)).astype(np.float32)
-      node.buffer, node.replaced = {}, []
-
-    elif kind == SEND:
-      i, snapshot = data
-      node = nodes[i]
-      r = node.rounds
-      # messages of round r - D lose their payload slot now
-      # (a copy already replaced by a newer one in a buffer loses its payload all the same)
-      for msg in node.sent.pop(r - depth, []):
-        if msg.status in ("queued", "transit", "buffered", "replaced"):
-          if msg.status == "buffered" and msg.reply and protocol.pairwise:
-            nodes[msg.dst].exchanges.remove(msg)
-          elif msg.status == "buffered":
-            del nodes[msg.dst].buffer[(msg.src, msg.frag)]
-          if msg.status == "replaced":
-            nodes[msg.dst].replaced.remove(msg)
-          if msg.status == "queued":
-            nodes[msg.src].queue.remove(msg)
-          msg.status = "expired"
-          counts["expired"] += 1
-      if protocol.flush:
-        for msg in node.queue:
-          msg.status = "flushed"
-          counts["flushed"] += 1
-        node.queue = []
-        node.busy_until = now
-      dst, frag = (np.asarray(a) for a in plan_fn(i, r))
-      msgs = []
-      for d, f in zip(dst.tolist(), frag.tolist()):
-        msg = Message(i, d, f, r, now, snapshot[coords[f]].copy(), ping=protocol.reply)
-        start = max(node.busy_until, now)
-        msg.completion = node.busy_until = start + service(i, d, f)
-        node.queue.append(msg)
-        msgs.append(msg)
-        counts["sent"] += 1
-        push(msg.completion, -1, msg)  # upload done: leaves the queue, enters transit
-      node.sent.setdefault(r, []).extend(msgs)
-      node.latest, node.latest_round, node.latest_time = snapshot, r, now
-      node.rounds += 1
-
-    elif kind == -1:  # upload completed
-      msg = data
-      if msg.status != "queued":
-        continue
-      nodes[msg.src].queue.remove(msg)
-      msg.status = "transit"
-      latency = (int(net.latency_us[msg.src]) + int(net.latency_us[msg.dst])) // 2
-      push(now + latency, ARRIVE, msg, key=(msg.completion, msg.src))
-
-  alive = {id(m) for node in nodes for msgs in node.sent.values() for m in msgs
-           if m.status in ("queued", "transit", "buffered")}  # a reply is listed twice
-  in_flight = len(alive) + sum(len(nd.replaced) for nd in nodes)
-  params = np.stack([nd.params for nd in nodes])
-  out = {
-      "msgs_sent": counts["sent"],
-      "msgs_delivered": counts["delivered"],
-      "msgs_superseded": counts["superseded"],
-      "msgs_flushed": counts["flushed"],
-      "msgs_expired": counts["expired"],
-      "msgs_in_flight": in_flight,
-      "age_sum": age_sum,
-      "age_count": age_count,
-      "steps": np.array([nd.steps for nd in nodes]),
-      "rounds": np.array([nd.rounds for nd in nodes]),
-  }
-  return params, out
+  sim = _Sim(cfg, task, alg, n_ticks, depth, run_key, trace)
+  sim.run()
+  return sim.results()
 
 
 def simulate_sync(cfg: Config, task, protocol, n_ticks: int, run_key: Optional[jax.Array] = None):

@@ -87,23 +87,30 @@ def node_mesh(devices: int) -> Optional[Mesh]:
   return Mesh(have[:devices], (AXIS,))
 
 
-def _spec(leaf, n: int) -> P:
+def _spec(leaf, axis: Optional[int]) -> P:
   shape = tuple(getattr(leaf, "shape", ()))
-  # empty arrays (an algorithm's unused tables) stay replicated: JAX normalises them so
-  split = len(shape) >= 1 and shape[0] == n and 0 not in shape
-  return P(AXIS) if split else P()
+  # empty arrays stay replicated: JAX normalises them so
+  if axis is None or len(shape) <= axis or 0 in shape:
+    return P()
+  return P(*([None] * axis), AXIS)
 
 
-def shardings(tree, mesh: Mesh, n: int):
-  """NamedShardings for a state pytree: leading axis n sharded, everything else replicated."""
-  return jax.tree.map(lambda a: NamedSharding(mesh, _spec(a, n)), tree)
+def shardings(tree, mesh: Mesh, axes):
+  """NamedShardings for a pytree: each leaf split along its node axis, or replicated.
+
+  `axes` is a prefix of `tree` whose leaves are node-axis indices or None (replicated), as
+  an engine's node_axes(state) gives them; a single 0 means every leaf leads with the nodes.
+  """
+  def one(axis, sub):
+    return jax.tree.map(lambda a: NamedSharding(mesh, _spec(a, axis)), sub)
+  return jax.tree.map(one, axes, tree, is_leaf=lambda x: x is None)
 
 
-def place(tree, mesh: Optional[Mesh], n: int):
-  """Puts a (host or device) state pytree on the mesh; unchanged without a mesh."""
+def place(tree, mesh: Optional[Mesh], axes):
+  """Puts a (host or device) pytree on the mesh, split along its node axes; unchanged without a mesh."""
   if mesh is None:
     return tree
-  return jax.device_put(tree, shardings(tree, mesh, n))
+  return jax.device_put(tree, shardings(tree, mesh, axes))
 
 
 def gather(tree, mesh: Optional[Mesh]):
@@ -113,12 +120,12 @@ def gather(tree, mesh: Optional[Mesh]):
   return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
-def constrain(tree, mesh: Optional[Mesh], n: int):
+def constrain(tree, mesh: Optional[Mesh], axes):
   """Inside jit: pins a state pytree to the same layout as `place`, so that a compiled chunk
   returns its state in the layout it takes (and can be called again on its own output)."""
   if mesh is None:
     return tree
-  return jax.lax.with_sharding_constraint(tree, shardings(tree, mesh, n))
+  return jax.lax.with_sharding_constraint(tree, shardings(tree, mesh, axes))
 
 
 def over_nodes(fn: Callable, mesh: Optional[Mesh], node_args: tuple[bool, ...]) -> Callable:

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from divjax import algorithms, engine as engine_lib, sharding, tasks
+from divjax import algorithms, engine as engine_lib, sharding, sync, tasks
 from divjax.config import Config
 
 
@@ -30,21 +30,28 @@ class Simulation(NamedTuple):
   task: tasks.Task
   engine: engine_lib.Engine
   run_key: jax.Array
-  hyper: engine_lib.Hyper
+  params: engine_lib.Params            # the traced part: run key, lr, momentum, links, data
   mesh: Optional[jax.sharding.Mesh]  # the node axis over `devices` devices; None for one
   evaluate_nodes: Callable            # (params (N, P), test) -> per-node metrics, sharded like them
 
 
 def build(cfg: Config, task: Optional[tasks.Task] = None, *, communicate: bool = True) -> Simulation:
   task = task if task is not None else tasks.build(cfg)
-  eng = engine_lib.make(cfg, task, algorithms.make(cfg), communicate=communicate)
-  run_key = jax.random.key(cfg.seed)
+  eng = make_engine(cfg, task, communicate=communicate)
   mesh = sharding.node_mesh(sharding.device_count(cfg.devices, cfg.n_nodes))
   # the data, whole on every device, placed once (not moved again at every chunk)
   task = task._replace(test=sharding.gather(task.test, mesh))
-  hyper = engine_lib.Hyper(lr=jnp.float32(cfg.lr), data=sharding.gather(task.train_data, mesh))
+  params = eng.params(cfg, sharding.gather(task.train_data, mesh))
   evaluate_nodes = jax.jit(sharding.over_nodes(task.eval_fn, mesh, (True, False)))
-  return Simulation(cfg, task, eng, run_key, hyper, mesh, evaluate_nodes)
+  return Simulation(cfg, task, eng, params.key, params, mesh, evaluate_nodes)
+
+
+def make_engine(cfg: Config, task: tasks.Task, *, communicate: bool = True) -> engine_lib.Engine:
+  """The engine of cfg's algorithm: the round engine (divjax.sync) or the asynchronous one."""
+  alg = algorithms.make(cfg)
+  if algorithms.PROPERTIES[cfg.algorithm].synchronous:
+    return sync.make(cfg, task, alg)
+  return engine_lib.make(cfg, task, alg, communicate=communicate)
 
 
 def consensus_distance(params) -> jax.Array:
@@ -55,7 +62,7 @@ def consensus_distance(params) -> jax.Array:
 _consensus = jax.jit(consensus_distance)
 
 
-def evaluate(sim: Simulation, state: engine_lib.EngineState) -> dict:
+def evaluate(sim: Simulation, state) -> dict:
   """Test metrics of every node and of the network-average model, plus message counts."""
   ev = jax.device_get(sim.evaluate_nodes(state.params, sim.task.test))
   # reductions over nodes on one whole copy: the summation order of an unsharded run
@@ -73,7 +80,7 @@ def evaluate(sim: Simulation, state: engine_lib.EngineState) -> dict:
       "acc_avg_model": float(avg["acc"][0]),
       "consensus": float(_consensus(whole)),
   }
-  rec.update(engine_lib.message_counts(state))
+  rec.update(sim.engine.counts(state))
   count = int(state.age_count)
   rec["staleness_s"] = float(state.age_sum) / count * sim.cfg.dt_us / 1e6 if count else None
   return rec
@@ -113,7 +120,7 @@ def _divergence(sim: Simulation, state, train_loss: np.ndarray) -> Optional[dict
 def run(cfg: Config, *, on_eval: Optional[Callable[[dict], None]] = None,
         progress: bool = False, sim: Optional[Simulation] = None,
         resume: Optional[tuple] = None,
-        on_checkpoint: Optional[Callable[[engine_lib.EngineState, list], None]] = None,
+        on_checkpoint: Optional[Callable[[Any, list], None]] = None,
         should_stop: Optional[Callable[[], bool]] = None,
         memory_info: Optional[dict] = None):
   """Runs a whole simulation, or continues one; calls `on_eval(record)` after every evaluation.
@@ -130,7 +137,7 @@ def run(cfg: Config, *, on_eval: Optional[Callable[[dict], None]] = None,
       the check is made here, before compiling (raises memory.TooLarge).
 
   Returns:
-    (summary dict, last EngineState). summary["status"] is "completed", "interrupted" or
+    (summary dict, last state). summary["status"] is "completed", "interrupted" or
     "diverged": non-finite parameters or training loss stop the run at the evaluation boundary
     where they are seen, summary["divergence"] says where, and the returned state is the
     diverged one (its record is not emitted).
@@ -149,11 +156,11 @@ def run(cfg: Config, *, on_eval: Optional[Callable[[dict], None]] = None,
       on_eval(rec)
 
   if resume is None:
-    state = sharding.place(sim.engine.init(sim.run_key), sim.mesh, cfg.n_nodes)
+    state = place(sim, sim.engine.init(sim.run_key))
     emit(evaluate(sim, state) | {"train_loss": None})
   else:
     state, done = resume
-    state = sharding.place(state, sim.mesh, cfg.n_nodes)
+    state = place(sim, state)
     records = list(done)
     t = int(state.tick)
     # chunks start on multiples of H; a finished run (t == total) has nothing left to simulate
@@ -183,7 +190,7 @@ def run(cfg: Config, *, on_eval: Optional[Callable[[dict], None]] = None,
       compiled[length] = compile_chunk(sim, state, length)
       compile_s += time.perf_counter() - c0
     c1 = time.perf_counter()
-    state, metrics = compiled[length](state, sim.run_key, sim.hyper)
+    state, metrics = compiled[length](state, sim.params)
     jax.block_until_ready(state.params)
     chunk_s = time.perf_counter() - c1
     run_s += chunk_s
@@ -215,7 +222,7 @@ def run(cfg: Config, *, on_eval: Optional[Callable[[dict], None]] = None,
   summary = summarize(cfg, records, extra={
       "n_params": sim.task.n_params,
       "ring_depth": sim.engine.depth,
-      "ring_bytes": int(np.prod(state.ring.shape)) * 4,
+      "ring_bytes": sim.engine.ring_bytes,
       "memory": memory_info,
       "wall_s": time.perf_counter() - t0_wall,
       "compile_s": compile_s,
@@ -237,10 +244,15 @@ def compile_chunk(sim: Simulation, state, length: int):
 
   A chunk must start on a multiple of H ticks (every chunk but the last is whole rounds).
   """
-  def chunk(s, k, hyp):
-    s, metrics = sim.engine.advance(s, k, hyp, length)
-    return sharding.constrain(s, sim.mesh, sim.cfg.n_nodes), metrics
-  return jax.jit(chunk, donate_argnums=0).lower(state, sim.run_key, sim.hyper).compile()
+  def chunk(s, params):
+    s, metrics = sim.engine.advance(s, params, length)
+    return sharding.constrain(s, sim.mesh, sim.engine.node_axes(s)), metrics
+  return jax.jit(chunk, donate_argnums=0).lower(state, sim.params).compile()
+
+
+def place(sim: Simulation, state):
+  """A state on the simulation's devices, split along its node axes."""
+  return sharding.place(state, sim.mesh, sim.engine.node_axes(state))
 
 
 def time_to_target(records: list[dict], target: Optional[float], key: str = "acc_mean") -> Optional[float]:

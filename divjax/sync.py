@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from divjax import engine as engine_lib
 from divjax import network as network_lib
 from divjax import nodes as nodes_lib
 from divjax import sampling
@@ -67,15 +68,16 @@ class SyncState(NamedTuple):
   tick: jax.Array        # () int32, simulated time reached, in ticks
   age_sum: jax.Array     # () float32, always 0: what arrives is used in the same round
   age_count: jax.Array   # () int32
-  ring: jax.Array        # (0,) no payload ring: kept so drivers can report ring bytes uniformly
+
+  def with_params(self, params) -> "SyncState":
+    return self._replace(params=params)
 
 
-class SyncEngine(NamedTuple):
-  init: Callable
-  advance: Callable      # (state, run_key, hyper, length_ticks) -> (state, metrics)
-  net: network_lib.Network
-  depth: int
-  round_duration: Callable  # (src, dst, w) -> () int32 microseconds, for tests
+def node_axes(state: SyncState):
+  """The node axis of each state leaf: 0 for the per-node arrays, None for the scalars."""
+  per_node = lambda tree: jax.tree.map(lambda _: 0, tree)
+  return SyncState(params=0, opt_state=per_node(state.opt_state), steps=0, rounds=0, time_us=None,
+                   sent=None, tick=None, age_sum=None, age_count=None)
 
 
 def message_counts(state: SyncState) -> dict:
@@ -84,47 +86,57 @@ def message_counts(state: SyncState) -> dict:
           "msgs_expired": 0, "msgs_in_flight": 0}
 
 
-def make(cfg: Config, task, protocol: SyncProtocol) -> SyncEngine:
+def make(cfg: Config, task, protocol: SyncProtocol) -> engine_lib.Engine:
   n, h = cfg.n_nodes, cfg.local_steps
   if cfg.n_ticks * cfg.dt_us > _TIME_LIMIT_US:
     raise ValueError(f"duration_s: synchronous algorithms simulate at most {_TIME_LIMIT_US / 1e6:.0f} s "
                      f"(got {cfg.duration_s})")
   net = network_lib.build(cfg)
   sgd = nodes_lib.make(cfg, task)
-  bits = np.array([32 * task.n_params + cfg.network.header_bits])
-  wide_service = network_lib.service_fn(net, bits)
-  service_of = lambda *a: tb.narrow(wide_service(*a), _TIME_LIMIT_US)   # saturating: exact up to the limit
-  lat_us = jnp.asarray(net.latency_us, jnp.int32)
-  compute_us = jnp.asarray(np.minimum(h * net.period * net.dt_us, _TIME_LIMIT_US), jnp.int32)                           # (N,)
+  bits_of = lambda c: np.array([32 * task.n_params + c.network.header_bits])
   dt_us = net.dt_us
   k_mix = lambda run_key: sampling.stream(run_key, sampling.STREAM_PLAN)
+  static = engine_lib.static_key(cfg, 0)
 
-  def round_duration(src, dst, w):
+  def params(cfg_p: Config, data) -> engine_lib.Params:
+    engine_lib.check_static(static, cfg_p, 0)
+    return engine_lib.make_params(cfg_p, data, bits_of(cfg_p), network_lib.build(cfg_p))
+
+  def compute_us(lk):
+    """(N,) H local steps in us, saturating at the time limit (h * period fits int32)."""
+    ticks = h * lk.period
+    return jnp.where(ticks > _TIME_LIMIT_US // dt_us, _TIME_LIMIT_US, ticks * dt_us)
+
+  def round_duration(lk, src, dst, w):
     """Exact barrier time of one round (microseconds, saturating at the time limit)."""
+    service_of = lambda *a: tb.narrow(network_lib.service(lk, *a), _TIME_LIMIT_US)
+    lat_us, compute = lk.latency_us, compute_us(lk)
     live = w > 0
     svc = jnp.where(live, service_of(src, dst, jnp.zeros_like(src)), 0)
     order = jnp.argsort(src, stable=True)           # each sender serves its edges in list order
     s_src, s_svc = src[order], svc[order]
     first = jnp.concatenate([jnp.array([True]), s_src[1:] != s_src[:-1]])
     completion = tb.sat_segmented_cumsum(s_svc, first, _TIME_LIMIT_US)
-    finish = add(add(compute_us[s_src], completion), (lat_us[s_src] + lat_us[dst[order]]) // 2)
-    return jnp.maximum(jnp.max(compute_us), jnp.max(jnp.where(live[order], finish, 0)))
+    finish = add(add(compute[s_src], completion), (lat_us[s_src] + lat_us[dst[order]]) // 2)
+    return jnp.maximum(jnp.max(compute), jnp.max(jnp.where(live[order], finish, 0)))
 
   server = cfg.server
   server_lat = int(round(server.latency_ms * 1e3))
-  to_server_lat = jnp.asarray((server_lat + net.latency_us) // 2, jnp.int32)             # (N,)
+  bits = bits_of(cfg)
   host_svc = lambda bps: jnp.asarray(np.minimum(network_lib.service_us(bits, bps)[:, 0], _TIME_LIMIT_US), jnp.int32)
   down_svc = host_svc(np.full(n, server.upload_mbps * 1e6))
-  up_svc = host_svc(net.upload_bps)                                                     # (N,)
   in_svc = host_svc(np.array([server.download_mbps * 1e6]))[0]
   sizes = jnp.asarray(task.counts, jnp.float32)                                          # (N,)
 
-  def server_round_duration(cohort):
+  def server_round_duration(lk, cohort):
     """Exact FedAvg round time (microseconds): serial downloads, training, serial uploads."""
+    to_server_lat = (server_lat + lk.latency_us) // 2                                    # (N,)
+    up_svc = tb.narrow(lk.up, _TIME_LIMIT_US)[:, 0]                                       # (N,)
+    compute = compute_us(lk)
     down = tb.sat_segmented_cumsum(down_svc[cohort], jnp.arange(cohort.shape[0]) == 0, _TIME_LIMIT_US)
     arrive = add(down, to_server_lat[cohort])                               # client has the model
     # its upload, alone, would be done then
-    alone = add(add(add(arrive, compute_us[cohort]), up_svc[cohort]), to_server_lat[cohort])
+    alone = add(add(add(arrive, compute[cohort]), up_svc[cohort]), to_server_lat[cohort])
     order = jnp.lexsort((cohort, alone))
 
     def serve(busy, k):
@@ -140,15 +152,16 @@ def make(cfg: Config, task, protocol: SyncProtocol) -> SyncEngine:
     z = lambda *s: jnp.zeros(s, jnp.int32)
     return SyncState(params=params, opt_state=sgd.init_opt(params), steps=z(n), rounds=z(n),
                      time_us=z(), sent=z(), tick=z(), age_sum=jnp.zeros((), jnp.float32),
-                     age_count=z(), ring=jnp.zeros((0,), jnp.float32))
+                     age_count=z())
 
-  def one_round(state: SyncState, run_key, hyper, mix):
+  def one_round(state: SyncState, hyper: engine_lib.Params, mix):
     src, dst, w, self_w = mix
     everyone = jnp.ones((n,), bool)
 
     def local(carry, _):
       params, opt_state, steps = carry
-      params, opt_state, steps, losses = sgd.step(params, opt_state, steps, hyper.data, run_key, hyper.lr, everyone)
+      params, opt_state, steps, losses = sgd.step(params, opt_state, steps, hyper.data, hyper.key, hyper.lr,
+                                                  hyper.momentum, everyone)
       return (params, opt_state, steps), losses  # averaged after the scan: no collective per step
 
     (params, opt_state, steps), losses = jax.lax.scan(
@@ -157,12 +170,13 @@ def make(cfg: Config, task, protocol: SyncProtocol) -> SyncEngine:
     return state._replace(params=mixed, opt_state=opt_state, steps=steps, rounds=state.rounds + 1,
                           sent=state.sent + jnp.sum(w > 0, dtype=jnp.int32)), losses.mean()
 
-  def server_round(state: SyncState, run_key, hyper, cohort):
+  def server_round(state: SyncState, hyper: engine_lib.Params, cohort):
     member = jnp.zeros((n,), bool).at[cohort].set(True)
 
     def local(carry, _):
       params, opt_state, steps = carry
-      params, opt_state, steps, losses = sgd.step(params, opt_state, steps, hyper.data, run_key, hyper.lr, member)
+      params, opt_state, steps, losses = sgd.step(params, opt_state, steps, hyper.data, hyper.key, hyper.lr,
+                                                  hyper.momentum, member)
       return (params, opt_state, steps), jnp.where(member, losses, 0.0)
 
     (params, opt_state, steps), losses = jax.lax.scan(
@@ -173,16 +187,16 @@ def make(cfg: Config, task, protocol: SyncProtocol) -> SyncEngine:
                           steps=steps, rounds=state.rounds + 1,
                           sent=state.sent + 2 * cohort.shape[0]), losses.sum() / (h * cohort.shape[0])
 
-  def advance(state: SyncState, run_key, hyper, length: int):
+  def advance(state: SyncState, hyper: engine_lib.Params, length: int):
     """Runs every round that completes by tick state.tick + length."""
     target_us = (state.tick + length) * dt_us
 
     def next_round(s):
       if protocol.cohort is not None:
-        cohort = protocol.cohort(k_mix(run_key), s.rounds[0])
-        return cohort, server_round_duration(cohort)
-      mix = protocol.mixing(k_mix(run_key), s.rounds[0])
-      return mix, round_duration(*mix[:3])
+        cohort = protocol.cohort(k_mix(hyper.key), s.rounds[0])
+        return cohort, server_round_duration(hyper.links, cohort)
+      mix = protocol.mixing(k_mix(hyper.key), s.rounds[0])
+      return mix, round_duration(hyper.links, *mix[:3])
 
     def fits(carry):
       s, _, _ = carry
@@ -193,7 +207,7 @@ def make(cfg: Config, task, protocol: SyncProtocol) -> SyncEngine:
       s, loss_sum, count = carry
       mix, dur = next_round(s)
       run = server_round if protocol.cohort is not None else one_round
-      s, loss = run(s, run_key, hyper, mix)
+      s, loss = run(s, hyper, mix)
       return s._replace(time_us=s.time_us + dur), loss_sum + loss, count + 1
 
     state, loss_sum, count = jax.lax.while_loop(
@@ -202,4 +216,6 @@ def make(cfg: Config, task, protocol: SyncProtocol) -> SyncEngine:
     train_loss = loss_sum / jnp.maximum(count, 1)
     return state._replace(tick=state.tick + length), {"train_loss": train_loss[None]}
 
-  return SyncEngine(init=init, advance=advance, net=net, depth=0, round_duration=round_duration)
+  return engine_lib.Engine(init=init, advance=advance, params=params, counts=message_counts,
+                           node_axes=node_axes, static=static, frags=None, net=net, depth=0,
+                           round_ticks=(h * net.period).astype(np.int64))

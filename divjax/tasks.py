@@ -158,7 +158,7 @@ def synthetic(cfg: Config) -> Task:
   accuracy rise above k/C.
   """
   d = cfg.data
-  rng = np.random.default_rng([cfg.seed, 0xDA7A])
+  rng = np.random.default_rng([cfg.data_seed, 0xDA7A])
   means = rng.normal(size=(d.n_classes, d.dim)).astype(np.float32)
 
   def draw(labels):
@@ -186,11 +186,11 @@ def partition(cfg: Config, labels: np.ndarray) -> list[np.ndarray]:
   from divjax import data as data_lib
   d, n = cfg.data, cfg.n_nodes
   if d.partition == "iid":
-    return data_lib.partition_iid(labels.size, n, cfg.seed)
+    return data_lib.partition_iid(labels.size, n, cfg.data_seed)
   if d.partition == "dirichlet":
-    return data_lib.partition_dirichlet(labels, n, d.alpha, cfg.seed)
+    return data_lib.partition_dirichlet(labels, n, d.alpha, cfg.data_seed)
   if d.partition in ("kshard", "auto"):
-    return data_lib.partition_kshard(labels, n, shards=d.shards, seed=cfg.seed)
+    return data_lib.partition_kshard(labels, n, shards=d.shards, seed=cfg.data_seed)
   raise ValueError(f"data.partition: {d.partition!r} is only for the synthetic task "
                    f"(allowed for {cfg.task}: auto, kshard, dirichlet, iid)")
 
@@ -274,7 +274,7 @@ def movielens(cfg: Config, *, offset: Optional[str] = None) -> Task:
   if offset not in MF_OFFSETS:
     raise ValueError(f"mf_offset: {offset!r} is not one of {', '.join(MF_OFFSETS)}")
   ds = data_lib.load(cfg.task, cfg.data.dir)
-  train_parts, test_parts = data_lib.split_movielens(ds.user, ds.item, ds.rating, cfg.n_nodes, cfg.seed)
+  train_parts, test_parts = data_lib.split_movielens(ds.user, ds.item, ds.rating, cfg.n_nodes, cfg.data_seed)
   model = models.make_model("mf", n_users=int(ds.n_users), n_items=int(ds.n_items), dim=cfg.mf_dim)
   pairs = np.stack([ds.user, ds.item], 1).astype(np.int32)
   ratings = np.asarray(ds.rating, np.float32)

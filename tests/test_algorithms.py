@@ -15,11 +15,11 @@ def run_with(cfg, params=None, n_calls=1, length=40):
   sim = simulate.build(cfg)
   state = sim.engine.init(sim.run_key)
   if params is not None:
-    state = state._replace(params=jnp.array(params, copy=True))  # the chunk donates its input
+    state = state.with_params(jnp.array(params, copy=True))  # the chunk donates its input
   chunk = simulate.compile_chunk(sim, state, length)
   states = []
   for _ in range(n_calls):
-    state, _ = chunk(state, sim.run_key, sim.hyper)
+    state, _ = chunk(state, sim.params)
     states.append(jax.device_get(state))
   return sim, states
 
@@ -97,7 +97,7 @@ def test_new_algorithm_input_errors():
   with pytest.raises(ConfigError, match="server.cohort"):
     tiny_config("algorithm=fedavg", "server.cohort=7")
   with pytest.raises(ConfigError, match="registered: .*adpsgd_pairwise.*fedavg.*swift_original"):
-    tiny_config("algorithm=sgp")
+    tiny_config("algorithm=choco")  # not (yet) registered
 
 
 def test_fedavg_cohort_and_global_model():
@@ -118,3 +118,25 @@ def test_pairwise_exchanges_need_both_links():
     _, states = run_with(cfg)
     done.append(int(states[-1].age_count))
   assert done[0] > done[1] > 0, done
+
+
+def test_sgp_push_sum_keeps_mass_and_weighted_sum_including_what_is_in_flight():
+  """SGP (algorithms/sgp.py): sum_i w_i + in-flight mass = n, and sum_i w_i z_i + in-flight
+  m z = sum of the initial models, at every chunk end, with lr = 0."""
+  from divjax import fates
+  cfg = tiny_config("algorithm=sgp", "lr=0", "n_nodes=8", "network.stragglers.fraction=0.25",
+                    "network.stragglers.slowdown=4")
+  x0 = jax.random.normal(jax.random.key(3), (8, 122))
+  _, states = run_with(cfg, params=x0, n_calls=6, length=cfg.local_steps)
+  for s in states:
+    weight, sent = s.alg
+    m = s.msgs
+    flying = (m.fate == fates.DELIVERED) & (m.tick >= s.tick)                     # (N, D, 1)
+    n_i, d_i, _ = np.nonzero(flying)
+    mass = sent[n_i, d_i]
+    assert abs(weight.sum() + mass.sum() - 8.0) < 1e-5
+    total = (weight[:, None] * s.params).sum(0) + (mass[:, None] * s.ring[d_i, n_i, 0, :122]).sum(0)
+    np.testing.assert_allclose(total, np.asarray(x0).sum(0), rtol=1e-5, atol=2e-5)
+  assert states[-1].rounds.min() >= 4 and weight.min() < 0.99     # weights do move
+  cons = float(simulate.consensus_distance(jnp.asarray(states[-1].params)))
+  assert cons < 0.5 * float(simulate.consensus_distance(x0))

@@ -27,7 +27,7 @@ CASES = {
 def run_both(cfg, n_ticks=40):
   sim = simulate.build(cfg)
   state = sim.engine.init(sim.run_key)
-  state, _ = simulate.compile_chunk(sim, state, n_ticks)(state, sim.run_key, sim.hyper)
+  state, _ = simulate.compile_chunk(sim, state, n_ticks)(state, sim.params)
   ref_params, ref_counts = reference.simulate(cfg, sim.task, algorithms.make(cfg), n_ticks,
                                               sim.engine.depth)
   return state, ref_params, ref_counts
@@ -55,6 +55,25 @@ GRID = [pytest.param(c, f, marks=() if (c, f) in DEFAULT else pytest.mark.slow)
 def test_divshare_engine_matches_reference(case, fragments):
   cfg = tiny_config(f"fragments={fragments}", *CASES[case])
   assert_agree(*run_both(cfg))
+
+
+@pytest.mark.parametrize("case", ["comm-stragglers", pytest.param("both-stragglers", marks=pytest.mark.slow),
+                                  pytest.param("short-ring-expires", marks=pytest.mark.slow)])
+def test_sgp_engine_matches_reference(case):
+  """Push-sum weights as algorithm state, the mass of each message in a per-slot table."""
+  cfg = tiny_config("algorithm=sgp", "fragments=1", *CASES[case])
+  state, ref_params, ref_counts = run_both(cfg)
+  assert ref_counts["age_count"] > 0 or ref_counts["msgs_expired"] > 0
+  assert_agree(state, ref_params, ref_counts)
+
+
+@pytest.mark.parametrize("case", ["both-stragglers", pytest.param("comm-stragglers", marks=pytest.mark.slow)])
+def test_divshare_age_engine_matches_reference(case):
+  """A new aggregation rule in one file (algorithms/divshare_age.py): weights by age."""
+  cfg = tiny_config("algorithm=divshare_age", "fragments=2", *CASES[case])
+  state, ref_params, ref_counts = run_both(cfg)
+  assert ref_counts["age_count"] > 0
+  assert_agree(state, ref_params, ref_counts)
 
 
 @pytest.mark.parametrize("case, fragments", [

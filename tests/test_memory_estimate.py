@@ -109,13 +109,13 @@ def xla_bytes(sim) -> int:
   # memory analysis reports) happens before LLVM, so the numbers are the same
   fast = {"xla_backend_optimization_level": 0}
   length = sim.cfg.local_steps
-  c = jax.jit(lambda s, k, h: sim.engine.advance(s, k, h, length), donate_argnums=0).lower(
-      state, sim.run_key, sim.hyper).compile(compiler_options=fast).memory_analysis()
+  c = jax.jit(lambda s, p: sim.engine.advance(s, p, length), donate_argnums=0).lower(
+      state, sim.params).compile(compiler_options=fast).memory_analysis()
   e = sim.evaluate_nodes.lower(state.params, sim.task.test).compile(compiler_options=fast).memory_analysis()
   if c is None or e is None:
     pytest.skip("this backend has no compiled memory analysis")
   chunk = c.argument_size_in_bytes + c.output_size_in_bytes - c.alias_size_in_bytes + c.temp_size_in_bytes
-  alive = memory._tree_bytes(state) - memory._tree_bytes(state.params) + memory._tree_bytes(sim.hyper.data)
+  alive = memory._tree_bytes(state) - memory._tree_bytes(state.params) + memory._tree_bytes(sim.params.data)
   evaluation = alive + e.argument_size_in_bytes + e.output_size_in_bytes + e.temp_size_in_bytes
   return max(chunk, evaluation)
 

@@ -37,9 +37,9 @@ def test_sharded_run_equals_unsharded(algorithm, devices, extra):
   many, sk = run(tiny_config(*args, f"devices={devices}"))
   assert one["status"] == many["status"] == "completed"
   assert (one["devices"], many["devices"]) == (1, 3 if devices == "auto" else devices)
-  if isinstance(s1, engine.EngineState):
+  if isinstance(s1, engine.State):
     assert engine.message_counts(s1) == engine.message_counts(sk)
-    np.testing.assert_array_equal(s1.msg_fate, sk.msg_fate)
+    np.testing.assert_array_equal(s1.msgs.fate, sk.msgs.fate)
     np.testing.assert_array_equal(s1.backlog_us, sk.backlog_us)
   np.testing.assert_array_equal(s1.steps, sk.steps)
   np.testing.assert_array_equal(s1.rounds, sk.rounds)
@@ -51,9 +51,9 @@ def test_sharded_run_equals_unsharded(algorithm, devices, extra):
 def test_state_is_split_along_nodes():
   cfg = tiny_config("n_nodes=8", "devices=4")
   sim = simulate.build(cfg)
-  state = sharding.place(sim.engine.init(sim.run_key), sim.mesh, cfg.n_nodes)
-  state, _ = simulate.compile_chunk(sim, state, 8)(state, sim.run_key, sim.hyper)
-  for leaf in (state.params, state.steps, state.msg_fate):
+  state = simulate.place(sim, sim.engine.init(sim.run_key))
+  state, _ = simulate.compile_chunk(sim, state, 8)(state, sim.params)
+  for leaf in (state.params, state.steps, state.msgs.fate):
     assert leaf.sharding.spec == P(sharding.AXIS)
     assert {s.data.shape[0] for s in leaf.addressable_shards} == {2}  # 8 nodes over 4 devices
   assert len(state.params.sharding.device_set) == 4

@@ -34,13 +34,13 @@ def test_sync_engine_matches_reference(algo, case):
   sim = simulate.build(cfg)
   state = sim.engine.init(sim.run_key)
   n_ticks = 60
-  state, _ = simulate.compile_chunk(sim, state, n_ticks)(state, sim.run_key, sim.hyper)
+  state, _ = simulate.compile_chunk(sim, state, n_ticks)(state, sim.params)
   ref_params, ref = reference.simulate_sync(cfg, sim.task, algorithms.make(cfg), n_ticks)
   assert ref["rounds"][0] >= 2
   assert int(state.time_us) == ref["time_us"]
   np.testing.assert_array_equal(np.asarray(state.rounds), ref["rounds"])
   np.testing.assert_array_equal(np.asarray(state.steps), ref["steps"])
-  counts = engine.message_counts(state)
+  counts = sim.engine.counts(state)
   for k, v in counts.items():
     assert v == ref[k], k
   np.testing.assert_allclose(np.asarray(state.params), ref_params, rtol=1e-5, atol=1e-5)

@@ -74,7 +74,7 @@ def test_sync_round_longer_than_the_run_never_completes():
   cfg = tiny_config("algorithm=dpsgd", "topology=ring", "network.upload_mbps=1e-9", "duration_s=0.6")
   sim = simulate.build(cfg)
   state = sim.engine.init(sim.run_key)
-  state, _ = simulate.compile_chunk(sim, state, 60)(state, sim.run_key, sim.hyper)
+  state, _ = simulate.compile_chunk(sim, state, 60)(state, sim.params)
   _, ref = reference.simulate_sync(cfg, sim.task, algorithms.make(cfg), 60)
   assert ref["rounds"][0] == 0
   np.testing.assert_array_equal(np.asarray(state.rounds), ref["rounds"])

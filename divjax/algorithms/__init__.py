@@ -1,29 +1,36 @@
-"""Registry of algorithms: name -> make(cfg) -> Protocol."""
+"""Registry of algorithms: name -> module with `make(cfg)` and `PROPERTIES`.
 
-from divjax.algorithms import adpsgd, adpsgd_pairwise, divshare, dpsgd, el, fedavg, swift, swift_original
-from divjax.algorithms.base import Protocol
+An asynchronous algorithm's make returns an AsyncAlgorithm (algorithms/base.py), a
+synchronous one's a sync.SyncProtocol. What divjax may know before building one (a graph,
+default fragments, doubly stochastic mixing) is its module's PROPERTIES.
+"""
 
-REGISTRY = {
-    "divshare": divshare.make,
-    "swift": swift.make,
-    "adpsgd": adpsgd.make,
-    "adpsgd_pairwise": adpsgd_pairwise.make,
-    "swift_original": swift_original.make,
-    "dpsgd": dpsgd.make,
-    "el": el.make,
-    "fedavg": fedavg.make,
+from divjax.algorithms import (adpsgd, adpsgd_pairwise, divshare, divshare_age, dpsgd, el, fedavg, sgp,
+                               swift, swift_original)
+
+MODULES = {
+    "divshare": divshare,
+    "divshare_age": divshare_age,
+    "swift": swift,
+    "adpsgd": adpsgd,
+    "adpsgd_pairwise": adpsgd_pairwise,
+    "swift_original": swift_original,
+    "sgp": sgp,
+    "dpsgd": dpsgd,
+    "el": el,
+    "fedavg": fedavg,
 }
+REGISTRY = {name: mod.make for name, mod in MODULES.items()}
+PROPERTIES = {name: mod.PROPERTIES for name, mod in MODULES.items()}
 
 # Algorithms whose mixing matrix is doubly stochastic every round (the network mean is kept).
-DOUBLY_STOCHASTIC = {"dpsgd", "adpsgd_pairwise"}
-
+DOUBLY_STOCHASTIC = {a for a, p in PROPERTIES.items() if p.doubly_stochastic}
 # Algorithms that mix over the `topology` graph; those in FIXED_TOPOLOGY need a fixed one.
-NEEDS_TOPOLOGY = {"dpsgd", "adpsgd_pairwise", "swift_original"}
-FIXED_TOPOLOGY = {"adpsgd_pairwise", "swift_original"}
-
+NEEDS_TOPOLOGY = {a for a, p in PROPERTIES.items() if p.needs_graph}
+FIXED_TOPOLOGY = {a for a, p in PROPERTIES.items() if p.fixed_graph}
 # `fragments` when the config leaves it out.
-DEFAULT_FRAGMENTS = {"divshare": 8}
+DEFAULT_FRAGMENTS = {a: p.default_fragments for a, p in PROPERTIES.items() if p.default_fragments != 1}
 
 
-def make(cfg) -> Protocol:
+def make(cfg):
   return REGISTRY[cfg.algorithm](cfg)

@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 
 from divjax import sampling
-from divjax.algorithms.base import Protocol
-from divjax.config import Config
+from divjax.algorithms.base import AsyncAlgorithm, Properties, QueuePolicy, ReplyPolicy
+
+PROPERTIES = Properties()
 
 
 def ping_plan(key, node, round_, n: int, pings: int):
@@ -32,7 +33,12 @@ def ping_plan(key, node, round_, n: int, pings: int):
   return dst, jnp.zeros((pings,), jnp.int32)
 
 
-def make(cfg: Config) -> Protocol:
-  pings = max(1, cfg.recipients // 2)
-  plan = functools.partial(ping_plan, n=cfg.n_nodes, pings=pings)
-  return Protocol(name="adpsgd", fragments=1, messages=pings, flush=False, plan=plan, reply=True)
+def adpsgd(*, n_nodes: int, pings: int) -> AsyncAlgorithm:
+  """Push-pull: `pings` pings per round, each answered with the receiver's latest snapshot."""
+  plan = functools.partial(ping_plan, n=n_nodes, pings=pings)
+  return AsyncAlgorithm(name="adpsgd", fragments=1, messages=pings, plan=plan,
+                        queue=QueuePolicy(flush=False), replies=ReplyPolicy(pairwise=False))
+
+
+def make(cfg) -> AsyncAlgorithm:
+  return adpsgd(n_nodes=cfg.n_nodes, pings=max(1, cfg.recipients // 2))

@@ -22,18 +22,38 @@ import jax
 import jax.numpy as jnp
 
 from divjax import sampling, topology
-from divjax.algorithms.base import Protocol
-from divjax.config import Config
+from divjax.algorithms.base import AsyncAlgorithm, Properties, QueuePolicy, ReplyPolicy
+
+PROPERTIES = Properties(doubly_stochastic=True, needs_graph=True, fixed_graph=True)
 
 
-def make(cfg: Config) -> Protocol:
+def keep(x, inbox, state):
+  """Nothing is averaged at round ends: the exchanges (divjax.replies.exchange) do the mixing."""
+  return x, state
+
+
+def reference_keep(i, own, received, state):
+  return own, state
+
+
+def adpsgd_pairwise(*, n_nodes: int, pick) -> AsyncAlgorithm:
+  """pick(key, node) -> (1,) int32: the neighbour the node starts an exchange with."""
+  def plan(key, node, round_):
+    return pick(sampling.node_key(key, node, round_), node), jnp.zeros((1,), jnp.int32)
+
+  return AsyncAlgorithm(name="adpsgd_pairwise", fragments=1, messages=1, plan=plan, aggregate=keep,
+                        reference_aggregate=reference_keep, queue=QueuePolicy(flush=False),
+                        replies=ReplyPolicy(pairwise=True))
+
+
+def make(cfg) -> AsyncAlgorithm:
   n = cfg.n_nodes
   if cfg.topology == "complete":  # any other node, without building n^2 edges
     def pick(key, node):
       v = jax.random.randint(key, (1,), 0, n - 1)
       return (v + (v >= node)).astype(jnp.int32)
   else:
-    edges = topology.fixed(cfg.topology, n, degree=cfg.topology_degree, seed=cfg.seed,
+    edges = topology.fixed(cfg.topology, n, degree=cfg.topology_degree, seed=cfg.data_seed,
                            edge_list=cfg.topology_edges)
     order = jnp.asarray(edges.src.argsort(kind="stable"))
     nbr = jnp.asarray(edges.dst)[order]                                  # neighbours, grouped by node
@@ -44,8 +64,4 @@ def make(cfg: Config) -> Protocol:
       k = jax.random.randint(key, (1,), 0, deg[node])
       return nbr[first[node] + k].astype(jnp.int32)
 
-  def plan(key, node, round_):
-    return pick(sampling.node_key(key, node, round_), node), jnp.zeros((1,), jnp.int32)
-
-  return Protocol(name="adpsgd_pairwise", fragments=1, messages=1, flush=False, plan=plan,
-                  reply=True, pairwise=True)
+  return adpsgd_pairwise(n_nodes=n, pick=pick)

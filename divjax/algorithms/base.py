@@ -1,44 +1,124 @@
-"""What an asynchronous push-gossip algorithm tells the engine.
+"""What an asynchronous algorithm is: a small bundle of pure functions (DESIGN.md section 8).
 
-The engine (divjax.engine) owns the shared machinery: stacked local SGD, simulated time,
-send queues, the delay ring and per-coordinate averaging at each node's round end. An
-algorithm only says what a node sends when it ends a round, and whether its queue is
-flushed when the next round starts.
+Like an optax GradientTransformation, an AsyncAlgorithm is a NamedTuple of functions built
+by a factory with explicit keyword arguments. The engine (divjax.engine) owns the shared
+machinery: stacked local SGD, simulated time, FIFO send queues, message fates, the delay
+ring and routing. An algorithm says
+  * what a node sends when it ends a round (`plan`: destinations and fragments in queue order;
+    `payload_bits`: the size of each fragment's message),
+  * how a node combines its own post-training model with what is due (`aggregate`, with its
+    own state from `init`), and the same rule in plain numpy for the reference simulator
+    (`reference_aggregate`, written to be obviously right),
+  * whether its queue is flushed at the next round end (`queue`), and whether receivers reply
+    (`replies`: push-pull, or atomic pairwise exchanges).
+Every function is pure; the algorithm's state is a pytree whose leaves have the node axis first.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
-import jax
 import numpy as np
 
 
-class Protocol(NamedTuple):
-  """Static description of a push-gossip algorithm.
+class QueuePolicy(NamedTuple):
+  flush: bool = True   # drop every message not yet uploaded when the sender's next round ends
 
-  Attributes:
+
+class ReplyPolicy(NamedTuple):
+  """The round's messages are pings; their receivers reply with a whole model.
+
+  pairwise=False (push-pull, the DivShare artifact's AD-PSGD): a receiver that has finished a
+  round replies with its latest post-training snapshot, averaged by the pinger like any copy.
+  pairwise=True (Lian et al.'s AD-PSGD): every ping is answered, and when the reply reaches
+  the pinger (at the pinger's first round end after its arrival) both models are replaced by
+  their average, as they are at that instant (divjax.replies.exchange).
+  """
+  pairwise: bool = False
+
+
+class Received(NamedTuple):
+  """One copy in the reference simulator's receive buffer (host values)."""
+  src: int
+  coords: np.ndarray   # the flat coordinates of the fragment
+  payload: np.ndarray  # float32 values at those coordinates
+  age: int             # ticks since the payload's snapshot
+  info: Any = None     # what the sender's reference_message said when it sent the copy
+
+
+class Dims(NamedTuple):
+  """The static dimensions an algorithm's state may need."""
+  n_nodes: int
+  fragments: int
+  width: int           # L, the padded fragment length
+  depth: int           # D, ring slots (sender rounds a payload stays readable)
+
+
+def no_state(x0, dims):
+  return ()
+
+
+def uniform_mean(x, inbox, state):
+  """x[k] <- (x[k] + sum of the received copies of k) / (1 + their number)."""
+  sums, counts = inbox.sum()
+  return (x + sums) / (1.0 + counts)[..., None], state
+
+
+def reference_uniform_mean(i: int, own: np.ndarray, received: list, state):
+  """uniform_mean, one node, in numpy."""
+  total, count = own.astype(np.float32).copy(), np.zeros_like(own)
+  for c in received:
+    total[c.coords] += c.payload
+    count[c.coords] += 1
+  return (total / (1.0 + count)).astype(np.float32), state
+
+
+def whole_model_bits(sizes: np.ndarray) -> np.ndarray:
+  """32-bit floats, one per coordinate of the fragment (the message header is added on top)."""
+  return sizes * 32
+
+
+class AsyncAlgorithm(NamedTuple):
+  """Attributes:
     name: registry name.
     fragments: F, pieces the model is cut into for routing (1 = whole model).
-    messages: M, messages a node enqueues per round (fixed, so edge arrays are static).
-    flush: drop every message not yet uploaded when the sender starts its next send phase.
+    messages: M, messages a node enqueues per round (fixed, so the tables are static).
     plan: (key, node, round) -> (dst (M,), frag (M,)) int32, the queue in service order.
-    reply: the round's messages are pings: on arrival, a receiver that has finished a round
-      puts a reply (its latest post-training snapshot, whole model) into its own send queue
-      (AD-PSGD's push-pull). Needs fragments == 1 and flush == False.
-    pairwise: with `reply`, a ping and its reply form one atomic pairwise exchange (original
-      AD-PSGD): when the reply reaches the pinger (at the pinger's first round end after its
-      arrival), both nodes' models are replaced by their average, as they are at that
-      instant; nothing received is averaged at round ends. Every ping gets a reply.
-    neighbours: (N, K) int32 fixed neighbours, or None. With them, a node keeps the newest model received from each neighbour (initially the
-      common initial model) and its round end sets x <- (x + sum of the K stored copies) /
-      (K + 1) (original SWIFT). The plan must send the whole model to neighbours[i] in order.
+    aggregate: (x (N, F, L), inbox: ring.Inbox, state) -> (x, state); x is every node's
+      post-training model in fragment layout; only the rows of nodes ending a round are kept.
+    reference_aggregate: (i, own (P,), received: list[Received], state_i) -> (own, state_i),
+      node i, numpy; state_i is the reference's per-node state (reference_init).
+    init: (x0 (N, F, L) initial models, Dims) -> the algorithm's state.
+    reference_init: x0 (P,) -> one node's state for the reference.
+    reference_message: state_i -> what the reference attaches to node i's messages when it
+      sends (Received.info), read after its aggregation at the same round end.
+    queue: flush or not.
+    replies: None, or how receivers reply (replies need F = 1 and no flush).
+    payload_bits: (F,) fragment sizes in floats -> (F,) payload bits of a message.
   """
   name: str
   fragments: int
   messages: int
-  flush: bool
-  plan: Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
-  reply: bool = False
-  pairwise: bool = False
-  neighbours: Optional[np.ndarray] = None
+  plan: Callable
+  aggregate: Callable = uniform_mean
+  reference_aggregate: Callable = reference_uniform_mean
+  init: Callable = no_state
+  reference_init: Callable = lambda x0: None
+  reference_message: Callable = lambda state: None
+  queue: QueuePolicy = QueuePolicy()
+  replies: Optional[ReplyPolicy] = None
+  payload_bits: Callable[[np.ndarray], np.ndarray] = whole_model_bits
+
+  def check(self) -> None:
+    if self.replies is not None and (self.queue.flush or self.fragments != 1):
+      raise ValueError(f"algorithm {self.name}: replies need whole models (fragments = 1) and no flush")
+
+
+class Properties(NamedTuple):
+  """What the rest of divjax may know about an algorithm before building it."""
+  synchronous: bool = False          # a round engine with barriers (divjax.sync)
+  doubly_stochastic: bool = False    # the mixing keeps the network mean every round
+  needs_graph: bool = False          # mixes over the `topology` graph
+  fixed_graph: bool = False          # ... which must be fixed (not resampled per round)
+  default_fragments: int = 1         # `fragments` when the config leaves it out
+  uses_fragments: bool = False       # reads `fragments` at all

@@ -15,11 +15,19 @@ from __future__ import annotations
 import functools
 
 from divjax import sampling
-from divjax.algorithms.base import Protocol
-from divjax.config import Config
+from divjax.algorithms.base import AsyncAlgorithm, Properties, QueuePolicy, uniform_mean
+
+PROPERTIES = Properties(default_fragments=8, uses_fragments=True)
 
 
-def make(cfg: Config) -> Protocol:
-  f, j = cfg.fragments, cfg.recipients
-  plan = functools.partial(sampling.fragment_fanout_plan, n=cfg.n_nodes, n_fragments=f, recipients=j)
-  return Protocol(name="divshare", fragments=f, messages=f * j, flush=True, plan=plan)
+def divshare(*, n_nodes: int, fragments: int, recipients: int, flush: bool = True,
+             name: str = "divshare") -> AsyncAlgorithm:
+  plan = functools.partial(sampling.fragment_fanout_plan, n=n_nodes, n_fragments=fragments,
+                           recipients=recipients)
+  return AsyncAlgorithm(name=name, fragments=fragments, messages=fragments * recipients, plan=plan,
+                        aggregate=uniform_mean,  # step 4: (x + sum of copies) / (1 + their count)
+                        queue=QueuePolicy(flush=flush))
+
+
+def make(cfg) -> AsyncAlgorithm:
+  return divshare(n_nodes=cfg.n_nodes, fragments=cfg.fragments, recipients=cfg.recipients)

@@ -13,7 +13,10 @@ import jax.numpy as jnp
 
 from divjax import topology
 from divjax.config import Config
+from divjax.algorithms.base import Properties
 from divjax.sync import SyncProtocol
+
+PROPERTIES = Properties(synchronous=True, doubly_stochastic=True, needs_graph=True)
 
 
 def make(cfg: Config) -> SyncProtocol:
@@ -26,7 +29,7 @@ def make(cfg: Config) -> SyncProtocol:
       return src, dst, w, self_w
     return SyncProtocol("dpsgd", mixing)
 
-  edges = topology.fixed(cfg.topology, n, degree=cfg.topology_degree, seed=cfg.seed,
+  edges = topology.fixed(cfg.topology, n, degree=cfg.topology_degree, seed=cfg.data_seed,
                          edge_list=cfg.topology_edges)
   src, dst = jnp.asarray(edges.src), jnp.asarray(edges.dst)
   w, self_w = topology.metropolis_weights(src, dst, n)

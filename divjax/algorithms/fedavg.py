@@ -17,7 +17,10 @@ import jax.numpy as jnp
 
 from divjax import sampling
 from divjax.config import Config
+from divjax.algorithms.base import Properties
 from divjax.sync import SyncProtocol
+
+PROPERTIES = Properties(synchronous=True)
 
 
 def make(cfg: Config) -> SyncProtocol:

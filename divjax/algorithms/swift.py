@@ -10,9 +10,16 @@ full model) by default. This is not SWIFT of Bornstein et al. (ICLR 2023).
 from __future__ import annotations
 
 from divjax.algorithms import divshare
-from divjax.algorithms.base import Protocol
-from divjax.config import Config
+from divjax.algorithms.base import AsyncAlgorithm, Properties, QueuePolicy
+
+PROPERTIES = Properties(default_fragments=1, uses_fragments=True)
 
 
-def make(cfg: Config) -> Protocol:
-  return divshare.make(cfg)._replace(name="swift", flush=False)
+def swift(*, n_nodes: int, fragments: int, recipients: int) -> AsyncAlgorithm:
+  """DivShare with another queue policy: nothing is ever flushed."""
+  return divshare.divshare(n_nodes=n_nodes, fragments=fragments, recipients=recipients)._replace(
+      name="swift", queue=QueuePolicy(flush=False))
+
+
+def make(cfg) -> AsyncAlgorithm:
+  return swift(n_nodes=cfg.n_nodes, fragments=cfg.fragments, recipients=cfg.recipients)

@@ -8,28 +8,58 @@ local steps (H = 1 is the original "average after every step"), node i
      the stored copy of a neighbour that sent nothing new (copies start as the common
      initial model);
   3. sets x_i <- (x_i + sum_k stored_ik) / (K + 1): uniform 1/(deg+1) weights.
-The engine keeps the stored copies (divjax.engine, `neighbours`); they cost N*K*P floats.
+The stored copies are this algorithm's state; they cost N*K*P floats.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
 from divjax import topology
-from divjax.algorithms.base import Protocol
-from divjax.config import Config
+from divjax.algorithms.base import AsyncAlgorithm, Properties, QueuePolicy
+
+PROPERTIES = Properties(needs_graph=True, fixed_graph=True)
 
 
-def make(cfg: Config) -> Protocol:
-  n = cfg.n_nodes
-  edges = topology.fixed(cfg.topology, n, degree=cfg.topology_degree, seed=cfg.seed,
-                         edge_list=cfg.topology_edges)
-  nbrs = topology.neighbour_lists(edges, n, cfg.topology)
-  table = jnp.asarray(nbrs)
-  k = nbrs.shape[1]
+def swift_original(*, neighbours: np.ndarray) -> AsyncAlgorithm:
+  """neighbours: (N, K) int32, each node's K fixed neighbours (a regular graph)."""
+  n, k = neighbours.shape
+  table = jnp.asarray(neighbours)
+  # the message of neighbour s = nb[i, c] that goes to i is s's message number fwd[i, c]
+  fwd = jnp.asarray(np.argmax(neighbours[neighbours] == np.arange(n)[:, None, None], axis=2).astype(np.int32))
+  index = {(i, int(s)): c for i in range(n) for c, s in enumerate(neighbours[i])}
 
   def plan(key, node, round_):
     return table[node], jnp.zeros((k,), jnp.int32)
 
-  return Protocol(name="swift_original", fragments=1, messages=k, flush=False, plan=plan,
-                  neighbours=nbrs)
+  def init(x0, dims):  # every stored copy starts as the common initial model: (N, K, L)
+    return jnp.broadcast_to(x0[0, 0], (n, k, x0.shape[-1]))
+
+  def aggregate(x, inbox, store):
+    pushes = inbox.copies[0]
+    # at most one due copy per (sender, receiver): newer copies supersede older ones
+    due = pushes.due[table, :, fwd]                                                       # (N, K, D)
+    slot = jnp.argmax(due, axis=-1)
+    store = jnp.where(due.any(-1)[..., None], inbox.ring[slot, table, 0], store)
+    return ((x[:, 0] + store.sum(axis=1)) / (1.0 + k))[:, None], store
+
+  def reference_aggregate(i, own, received, store):
+    store = list(store)
+    for c in received:  # replace the stored copy of each neighbour that sent something
+      store[index[(i, c.src)]] = c.payload
+    total = own.astype(np.float32).copy()
+    for copy in store:
+      total += copy
+    return (total / np.float32(1 + k)).astype(np.float32), store
+
+  return AsyncAlgorithm(name="swift_original", fragments=1, messages=k, plan=plan, aggregate=aggregate,
+                        reference_aggregate=reference_aggregate, init=init,
+                        reference_init=lambda x0: [x0.copy() for _ in range(k)],
+                        queue=QueuePolicy(flush=False))
+
+
+def make(cfg) -> AsyncAlgorithm:
+  edges = topology.fixed(cfg.topology, cfg.n_nodes, degree=cfg.topology_degree, seed=cfg.data_seed,
+                         edge_list=cfg.topology_edges)
+  return swift_original(neighbours=topology.neighbour_lists(edges, cfg.n_nodes, cfg.topology))

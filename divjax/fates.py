@@ -1,0 +1,95 @@
+"""What becomes of a message, decided when it is sent.
+
+Schedules and link times are known in advance, so a message's fate follows from its upload
+completion (queue.enqueue) and its link latency:
+  flushed    if the queue is flushed and the upload is not done by the sender's next round end,
+  expired    if the receiver consumes it only after the sender's round r + D ends (the ring
+             slot holding its payload is reused then),
+  delivered  otherwise, at the receiver's first round end at or after the arrival, and
+  superseded if a newer copy of the same (sender, fragment) is consumed by the same
+             aggregation at the same receiver (counted as delivered, payload unused).
+Every record ends as exactly one of these (or is still in flight), so the counts add up.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from divjax import clock
+
+NONE, DELIVERED, SUPERSEDED, FLUSHED, EXPIRED = 0, 1, 2, 3, 4
+FATES = ("none", "delivered", "superseded", "flushed", "expired")
+
+
+def at_send(t, completion, arrival, round_ticks, round_ticks_dst, depth: int, dt_us: int, flush: bool):
+  """Fates and fate ticks (N, M) of the messages sent at the end of tick t.
+
+  Args:
+    completion, arrival: (N, M) us after the end of tick t (saturating int32).
+    round_ticks: (N,) the senders' round lengths; round_ticks_dst: (N, M) the receivers'.
+  """
+  round_us = round_ticks * dt_us
+  expire = t + depth * round_ticks                                                         # (N,)
+  # arrivals past the expiry are all alike: capping keeps the tick arithmetic in int32
+  arrival = jnp.minimum(arrival, (depth * round_us + dt_us)[:, None])
+  consume = clock.consume_tick(t, arrival, round_ticks_dst, dt_us)
+  flushed = (completion > round_us[:, None]) if flush else jnp.zeros_like(completion, bool)
+  expired = ~flushed & (consume > expire[:, None])
+  fate = jnp.where(flushed, FLUSHED, jnp.where(expired, EXPIRED, DELIVERED))
+  tick = jnp.where(flushed, (t + round_ticks)[:, None], jnp.where(expired, expire[:, None], consume))
+  return fate, tick
+
+
+def supersede(old_key, old_tick, pending, new_key, new_tick, new_live):
+  """(N, D, M) bool: pending records that a new message replaces.
+
+  A record is replaced when a new one of the same sender row has the same key
+  (receiver * F + fragment) and is consumed at the same tick. Scanning over the M new
+  records keeps every comparison a fused (N, D, M) pass instead of an (N, D, M, M) array.
+
+  Args:
+    old_key, old_tick, pending: (N, D, M) the table; new_key, new_tick, new_live: (N, M).
+  """
+  def match(hit, new):
+    key, tick, live = new                                                                   # (N,) each
+    return hit | ((old_key == key[:, None, None]) & (old_tick == tick[:, None, None])
+                  & live[:, None, None]), None
+
+  hit, _ = jax.lax.scan(match, jnp.zeros_like(pending), (new_key.T, new_tick.T, new_live.T))
+  return hit & pending
+
+
+def newest_per_sender(recv, sender, done, n: int):
+  """(K,) bool: copies replaced by a later arrival from the same sender at the same receiver.
+
+  A node's messages share its FIFO queue, so the later arrival is the later upload
+  completion `done`. Entries with recv == n take no part.
+  """
+  order = jnp.lexsort((done, sender, recv))
+  r_s, s_s = recv[order], sender[order]
+  replaced_sorted = (r_s[:-1] < n) & (r_s[1:] == r_s[:-1]) & (s_s[1:] == s_s[:-1])
+  return jnp.zeros_like(recv, bool).at[order[:-1]].set(replaced_sorted)
+
+
+def retire(retired, old_fates, ends):
+  """Adds the fates (N, K) of the records in the reused table slots of nodes that `ends`."""
+  return retired + jnp.sum(jax.nn.one_hot(old_fates, len(FATES), dtype=jnp.int32) * ends[:, None, None],
+                           axis=(0, 1))
+
+
+def counts(fate, tick, retired, sent, now) -> dict:
+  """Cumulative message counts (host ints) from live records (any shape) and retired fates."""
+  fate, tick, retired = (np.asarray(a) for a in (fate, tick, retired))
+  happened = tick < int(now)
+  by = {name: int(retired[i]) + int(np.sum((fate == i) & happened))
+        for i, name in enumerate(FATES) if i != NONE}
+  return {
+      "msgs_sent": int(sent),
+      "msgs_delivered": by["delivered"] + by["superseded"],
+      "msgs_superseded": by["superseded"],
+      "msgs_flushed": by["flushed"],
+      "msgs_expired": by["expired"],
+      "msgs_in_flight": int(np.sum((fate != NONE) & ~happened)),
+  }
