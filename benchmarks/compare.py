@@ -3,8 +3,9 @@
     python3 benchmarks/compare.py configs/quickstart.yaml --algorithms divshare adpsgd swift \\
         --set recipients=6 --seeds 0 1
 
-Every algorithm runs the same task, data split, network and stragglers; `fragments` takes
-each algorithm's default (DivShare 8, Swift and AD-PSGD 1) unless set. With J = recipients,
+Every algorithm runs the same task, data split, network and stragglers; keys an algorithm
+does not use (`fragments` for AD-PSGD, `recipients` for D-PSGD, ...) are dropped for it
+(configure.load_for). With J = recipients,
 DivShare and Swift send J full-model equivalents per round and AD-PSGD floor(J/2) pings plus
 about as many replies, the paper's equal-volume comparison for J = 6.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from divjax import config, sharding, simulate
+from divjax import configure, sharding, simulate
 
 
 def main():
@@ -24,13 +25,13 @@ def main():
   ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
   ap.add_argument("--seeds", type=int, nargs="+", default=[0])
   args = ap.parse_args()
-  base = config.load(args.config, args.set)
+  base = configure.load_for(args.algorithms[0], args.config, args.set)
   sharding.request_cpu_devices(base.devices, base.n_nodes)  # `devices` as `divjax run` has them
   rows = []
   for name in args.algorithms:
     per_seed = []
     for seed in args.seeds:
-      cfg = config.load(args.config, args.set + [f"algorithm={name}", f"seed={seed}"])
+      cfg = configure.load_for(name, args.config, args.set + [f"seed={seed}"])
       summary, _ = simulate.run(cfg)
       f = summary["final"]
       per_seed.append((summary["time_to_target_s"], f["acc_mean"], f["acc_min"], f["msgs_delivered"] / max(1, f["msgs_sent"]),

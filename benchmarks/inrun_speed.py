@@ -35,13 +35,13 @@ def main():
   from divjax import sharding, simulate as _sim  # noqa: F401
   sharding.request_cpu_devices(args.devices)  # before the backend starts
   import jax
-  from divjax import config, simulate
+  from divjax import configure, simulate
 
   for n in args.nodes:
     over = [f"n_nodes={n}", f"devices={args.devices}"] + args.set
     if args.data:
       over.append(f"data.dir={args.data}")
-    cfg = config.load(args.config, over)
+    cfg = configure.load(args.config, over)
     sim = simulate.build(cfg, communicate=not args.local_only)
     state = simulate.place(sim, sim.engine.init(sim.run_key))
     t0 = time.perf_counter()

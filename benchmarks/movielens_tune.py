@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from divjax import config, data, simulate, tasks
+from divjax import config, configure, data, simulate, tasks
 
 
 def baseline(args):
@@ -105,7 +105,7 @@ def load(args, overrides):
   offset = args.offset or raw.get("mf_offset", "none")
   if "mf_offset" not in config.Config.model_fields:
     raw.pop("mf_offset", None)
-  return config.from_dict(config.apply_overrides(raw, overrides)), offset
+  return configure.from_dict(config.apply_overrides(raw, overrides)), offset
 
 
 def sweep(args):

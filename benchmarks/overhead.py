@@ -17,7 +17,7 @@ import time
 import jax
 import numpy as np
 
-from divjax import config, simulate
+from divjax import config, configure, simulate
 
 BASE = ["task=synthetic", "model=mlp", "hidden=[64]", "data.dim=32", "data.samples_per_node=128",
         "fragments=8", "recipients=3", "local_steps=16", "batch_size=8", "lr=0.02",
@@ -65,7 +65,7 @@ def main():
   print("|---|---|---|---|---|")
   rows = []
   for n in args.nodes:
-    cfg = config.load(None, BASE + [f"n_nodes={n}"])
+    cfg = configure.load(None, BASE + [f"n_nodes={n}"])
     off, on = throughputs(cfg, args.ticks, args.repeats)
     p = simulate.build(cfg).task.n_params
     rows.append(dict(n=n, p=p, local=off, divshare=on, ratio=off / on))

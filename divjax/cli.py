@@ -91,9 +91,9 @@ def _differences(a, b, prefix="") -> list[str]:
 
 
 def _load(path, overrides):
-  from divjax import config as config_lib  # imported here: a Ctrl-C at start-up exits cleanly (main)
+  from divjax import config as config_lib, configure  # imported here: a Ctrl-C at start-up exits cleanly (main)
   try:
-    return config_lib.load(path, overrides)
+    return configure.load(path, overrides)
   except config_lib.ConfigError as e:
     raise BadInput(f"config error: {e}") from None
 
@@ -102,7 +102,7 @@ def _prepare(args, hold: contextlib.ExitStack):
   """(output dir, config, whether a run is there to continue, whether it is extended to a
   longer duration_s, whether the dir is a default name), all input checked. A run directory
   to continue is locked here (the lock goes into `hold`)."""
-  from divjax import config as config_lib
+  from divjax import config as config_lib, configure
   if not args.resume:
     cfg = _load(args.config, args.set or [])
     out, unique = _out_dir(args, args.config)
@@ -133,7 +133,7 @@ def _prepare(args, hold: contextlib.ExitStack):
   # Before reading anything: no other run may change the directory from here on
   hold.enter_context(rundir.claim(out))
   try:
-    saved = config_lib.load(saved_path)
+    saved = configure.load(saved_path)
   except config_lib.ConfigError as e:
     raise BadInput(f"error: --resume {out}: its config.yaml is invalid: {e}") from None
   if args.config:

@@ -5,9 +5,13 @@ reported before anything is compiled, with the dotted key and what is allowed:
 
     config error: network.upload_mbps: must be > 0 (got -5)
 
-Everything here is plain data. What fixes an array shape (n_nodes, fragments, recipients,
-batch_size, ring_depth, the task) forces a new compile; the numbers one sweeps (lr,
-bandwidths, slowdowns) do not.
+Everything here is plain data and imports nothing from divjax: this is the schema (types,
+ranges, relations between keys). What only the algorithms or the models know (registered
+names, graphs, the keys an algorithm ignores, default fragments, fragments per tensor) is
+checked by divjax.configure, which every entry point loads configs through. What fixes an
+array shape (n_nodes, fragments, recipients, batch_size, ring_depth, the task) forces a new
+compile; the numbers one sweeps (seed, lr, momentum, bandwidths, latencies, slowdowns) do
+not (engine.PARAM_KEYS).
 """
 
 from __future__ import annotations
@@ -35,7 +39,6 @@ MAX_TICKS = (1 << 30) - 1
 MAX_LATENCY_MS = 1e6         # 1000 s one way, below timebase.CAP_US (17.9 min)
 MAX_DURATION_S = float(1 << 48) / 1e6  # 8.9 years: saturated queue times (2**49 us) lie beyond any run
 MAX_HEADER_BITS = 1 << 40
-MAX_GRAPH_EDGES = 1 << 24    # fixed graphs are built (and checked for connectivity) on the host
 
 
 class _Strict(BaseModel):
@@ -318,102 +321,12 @@ def from_dict(raw: Any) -> Config:
     cfg = Config.model_validate(raw)
   except pydantic.ValidationError as e:
     raise ConfigError(_format_errors(e)) from None
-  _check_algorithm(cfg)
-  if cfg.fragments is None:
-    from divjax import algorithms
-    cfg = cfg.model_copy(update={"fragments": algorithms.DEFAULT_FRAGMENTS.get(cfg.algorithm, 1)})
-  _check_fragments(cfg)
   return cfg
 
 
-def _check_fragments(cfg: Config) -> None:
-  """At most as many fragments as the model's largest tensor has entries.
-
-  Every tensor is cut into the F fragments separately (divjax.fragments), so F larger than
-  the largest tensor leaves fragments 0..F-2 empty: messages that carry nothing. The model's
-  shapes come from tracing its init (nothing is compiled or run, the backend is not started).
-  MovieLens models are sized by the data: checked here when data.dir holds the file (its
-  n_users, n_items), not for data that tensorflow-datasets would download.
-  """
-  if cfg.fragments <= 1:
-    return
-  shape = _model_shape(cfg)
-  sizes = _tensor_sizes(*shape) if shape is not None else None
-  if not sizes:
-    return  # a task/model pair the task builder refuses, or sized by the data
-  hi = max(sizes)
-  if cfg.fragments > hi:
-    raise ConfigError(
-        f"fragments: must be in 1..{hi} for this model ({shape[0]}, {sum(sizes)} parameters; its "
-        f"largest tensor has {hi} entries, and every tensor is cut into the fragments, so more "
-        f"fragments than that would be empty) (got {cfg.fragments})")
-
-
-def _model_shape(cfg: Config) -> Optional[tuple]:
-  """(model name, input shape, hidden, n_classes) of the model divjax.tasks builds, or None;
-  for matrix factorisation ("mf", (n_users, n_items), (), mf_dim) (see `_tensor_sizes`)."""
-  from divjax import data as data_lib
-  if cfg.task.startswith("movielens"):
-    counts = data_lib.rating_counts(cfg.task, cfg.data.dir)
-    return ("mf", counts, (), cfg.mf_dim) if counts and cfg.model in ("auto", "mf") else None
-  if cfg.task == "synthetic":
-    return ("mlp" if cfg.model == "auto" else cfg.model, (cfg.data.dim,), tuple(cfg.hidden),
-            cfg.data.n_classes)
-  shape = data_lib.image_shape(cfg.task)
-  if shape is None:
-    return None
-  default = "gn_lenet" if cfg.task == "cifar10" else "mlp"
-  return (default if cfg.model == "auto" else cfg.model, shape, tuple(cfg.hidden), 10)
-
-
-@functools.lru_cache(maxsize=256)
-def _tensor_sizes(name: str, input_shape: tuple, hidden: tuple, n_classes: int) -> Optional[tuple]:
-  """Entries of each of the model's tensors (flat order), or None if it cannot be built."""
-  import jax
-  from divjax import models
-  try:
-    if name == "mf":
-      model = models.make_model("mf", n_users=input_shape[0], n_items=input_shape[1], dim=n_classes)
-    else:  # impl "auto" would ask for the backend, which must not start before the run sets it up
-      model = models.make_model(name, input_shape=input_shape, hidden=hidden, n_classes=n_classes,
-                                impl="vmap")
-    tree = jax.eval_shape(lambda: model.init(jax.random.key(0)))
-  except Exception:  # e.g. gn_lenet on flat inputs: the task builder reports it
-    return None
-  return tuple(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
-
-
-def _check_algorithm(cfg: Config) -> None:
-  from divjax import algorithms  # late import: algorithms import config
-  if cfg.algorithm not in algorithms.REGISTRY:
-    raise ConfigError(
-        f"algorithm: unknown {cfg.algorithm!r} (registered: {', '.join(sorted(algorithms.REGISTRY))})")
-  if cfg.algorithm in algorithms.NEEDS_TOPOLOGY:
-    from divjax import topology  # a missing or disconnected graph is bad input, found before compiling
-    if cfg.algorithm in algorithms.FIXED_TOPOLOGY and cfg.topology not in topology.FIXED:
-      raise ConfigError(f"topology: algorithm {cfg.algorithm!r} needs a fixed graph, one of "
-                        f"{', '.join(topology.FIXED)} (got {cfg.topology!r})")
-    if cfg.algorithm == "adpsgd_pairwise" and cfg.topology == "complete":
-      return  # picks any other node without building the graph
-    if cfg.topology in topology.FIXED:
-      n = cfg.n_nodes
-      n_edges = {"complete": n * (n - 1), "edges": 2 * len(cfg.topology_edges or [])}.get(
-          cfg.topology, 2 * n * max(2, cfg.topology_degree))
-      if n_edges > MAX_GRAPH_EDGES:
-        raise ConfigError(f"topology: a {cfg.topology} graph on n_nodes = {n} has about {n_edges:.3g} "
-                          f"edges, more than {MAX_GRAPH_EDGES} (choose a sparser topology, e.g. ring, "
-                          f"torus or regular with a small topology_degree)")
-      try:
-        edges = topology.fixed(cfg.topology, cfg.n_nodes, degree=cfg.topology_degree, seed=cfg.data_seed,
-                               edge_list=cfg.topology_edges)
-        if cfg.algorithm == "swift_original":
-          topology.neighbour_lists(edges, cfg.n_nodes, cfg.topology)
-      except topology.TopologyError as e:
-        raise ConfigError(f"{e} (algorithm {cfg.algorithm!r} needs a connected graph)") from None
-
-
 def load(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
-  """Reads a YAML config (or the defaults if `path` is None), applies overrides, validates."""
+  """Reads a YAML config (or the defaults if `path` is None), applies overrides, validates the
+  schema. `fragments` may be left None (the algorithm's default): divjax.configure.load resolves it."""
   raw: Any = {}
   if path is not None:
     if not isinstance(path, (str, Path)):

@@ -45,6 +45,7 @@ flushed or expired (or is still in flight), and the counts add up (tested).
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -212,29 +213,220 @@ def check_horizon(cfg: Config, depth: int, net: network_lib.Network) -> None:
       f"times are int32 microseconds and must stay below {tb.CAP_US / 1e6:g} s: lower it")
 
 
+class Static(NamedTuple):
+  """What fixes the compiled program's shapes and branches (the rest is Params)."""
+  n: int                    # nodes
+  h: int                    # local steps per round
+  f: int                    # fragments
+  width: int                # L, padded fragment length
+  m: int                    # messages per node and round
+  depth: int                # D, ring slots
+  dt_us: int                # tick length
+  alg: AsyncAlgorithm
+  frags: fragments_lib.Fragments
+
+  @property
+  def block_us(self) -> int:   # a block of H ticks
+    return self.h * self.dt_us
+
+  @property
+  def age_cap(self) -> int:    # ages beyond the horizon (check_horizon) never matter; keeps int32 exact
+    return tb.CAP_US // self.dt_us
+
+  @property
+  def reply(self) -> bool:
+    return self.alg.replies is not None
+
+  @property
+  def pairwise(self) -> bool:
+    return self.reply and self.alg.replies.pairwise
+
+  def table(self):
+    """(rows, slots): the sender and ring slot of every (N, D, M) record."""
+    rows = jnp.broadcast_to(jnp.arange(self.n, dtype=jnp.int32)[:, None, None], (self.n, self.depth, self.m))
+    slots = jnp.broadcast_to(jnp.arange(self.depth, dtype=jnp.int32)[None, :, None], rows.shape)
+    return rows, slots
+
+
+def init_state(st: Static, sgd: nodes_lib.LocalSGD, x0) -> State:
+  """Every node starts from the model x0 (P,); no message sent yet."""
+  n, d, m = st.n, st.depth, st.m
+  x = jnp.tile(x0[None, :], (n, 1))
+  zi = lambda *s: jnp.zeros(s, jnp.int32)
+  return State(
+      nodes=Nodes(params=x, opt_state=sgd.init_opt(x), steps=zi(n), rounds=zi(n)),
+      msgs=Messages(*(zi(n, d, m) for _ in range(5)), slot_tick=zi(n, d)),
+      replies=replies_lib.empty(n, d, m) if st.reply else None,
+      backlog_us=tb.wide(zi(n)), ring=jnp.zeros((d, n, st.f, st.width), jnp.float32),
+      alg=st.alg.init(fragments_lib.to_layout(x, st.frags), Dims(n, st.f, st.width, d)),
+      counters=Counters(retired=zi(len(FATES)), sent=zi(), age_sum=jnp.zeros((), jnp.float32),
+                        age_count=zi()),
+      tick=zi())
+
+
+def send(st: Static, s: State, p: Params, ends, busy, k):
+  """The new round's messages of the nodes that `ends`, their upload completions and fates
+  (into table slot k), superseding older copies; returns (messages, queue backlogs)."""
+  t, n, f, lk, msgs = s.tick, st.n, st.f, p.links, s.msgs
+  nodes = jnp.arange(n, dtype=jnp.int32)
+  dst, frag = jax.vmap(st.alg.plan, in_axes=(None, 0, 0))(
+      sampling.stream(p.key, sampling.STREAM_PLAN), nodes, s.nodes.rounds)                   # (N, M)
+  round_ticks = st.h * lk.period
+  service = network_lib.service(lk, jnp.broadcast_to(nodes[:, None], dst.shape), dst, frag)
+  completions = queue.enqueue(busy, service, st.alg.queue.flush)  # exact, however far behind
+  completion = tb.narrow(completions)                               # saturating: exact below the horizon
+  arrival = completion + (lk.latency_us[nodes][:, None] + lk.latency_us[dst]) // 2
+  fate, ftick = fates.at_send(t, completion, arrival, round_ticks, round_ticks[dst], st.depth,
+                              st.dt_us, st.alg.queue.flush)
+  fate_table = msgs.fate
+  if not st.reply:  # a newer copy consumed by the same aggregation replaces the older one
+    other_slot = jnp.arange(st.depth)[None, :] != k[:, None]                                  # (N, D)
+    pending = (msgs.fate == fates.DELIVERED) & (msgs.tick > t) & other_slot[..., None] & ends[:, None, None]
+    replaced = fates.supersede(msgs.dst * f + msgs.frag, msgs.tick, pending,
+                               dst * f + frag, ftick, fate == fates.DELIVERED)
+    fate_table = jnp.where(replaced, fates.SUPERSEDED, fate_table)
+
+  def write(table, new):
+    return table.at[nodes, k].set(jnp.where(ends[:, None], new, table[nodes, k]))
+
+  msgs = Messages(dst=write(msgs.dst, dst), frag=write(msgs.frag, frag), fate=write(fate_table, fate),
+                  tick=write(msgs.tick, ftick), done=write(msgs.done, completion),
+                  slot_tick=msgs.slot_tick.at[nodes, k].set(jnp.where(ends, t, msgs.slot_tick[nodes, k])))
+  backlog = (tb.where(ends, jax.tree.map(lambda x: x[:, -1], completions), busy) if not st.alg.queue.flush
+             else tb.wide(jnp.zeros((n,), jnp.int32)))
+  return msgs, backlog
+
+
+def due_copies(st: Static, s: State, p: Params, busy):
+  """Replies to the pings that arrived in this block, then the copies due at tick s.tick.
+
+  Returns:
+    (msgs, replies, busy, replies made, copies to aggregate, copies used (for the ages)).
+  """
+  t, lk, msgs, rep = s.tick, p.links, s.msgs, s.replies
+  rows, slots = st.table()
+  made = jnp.zeros((), jnp.int32)
+  if st.reply:
+    rep, busy, made = replies_lib.make(
+        rep, msgs.dst, msgs.fate, msgs.done, msgs.slot_tick, t, busy, lat_us=lk.latency_us,
+        round_ticks=st.h * lk.period, service=lambda *a: network_lib.service(lk, *a), depth=st.depth,
+        dt_us=st.dt_us, block_us=st.block_us, age_cap=st.age_cap, pairwise=st.pairwise)
+    fate_table, rep, due, due_rep = replies_lib.newest_only(
+        msgs.dst, msgs.fate, msgs.tick, msgs.done, rep, msgs.slot_tick, t, dt_us=st.dt_us,
+        age_cap=st.age_cap, pairwise=st.pairwise)
+    msgs = msgs._replace(fate=fate_table)
+  else:
+    due = (msgs.fate == fates.DELIVERED) & (msgs.tick == t)
+  age = jnp.broadcast_to((t - msgs.slot_tick)[..., None], rows.shape)
+  pushes = ring_lib.Copies(due, rows, slots, msgs.dst, msgs.frag, age)
+  if st.pairwise:  # the pings carry nothing to average; the replies complete exchanges
+    return msgs, rep, busy, made, (), (pushes._replace(due=due_rep),)
+  if st.reply:     # push-pull: the replies are averaged like any copy
+    pulls = ring_lib.Copies(due_rep, msgs.dst, rep.slot, rows, jnp.zeros_like(rows), t - rep.made)
+    return msgs, rep, busy, made, (pushes, pulls), (pushes, pulls)
+  return msgs, rep, busy, made, (pushes,), (pushes,)
+
+
+def end_rounds(st: Static, s: State, p: Params, ends) -> State:
+  """The round-end tick of a block: replies, aggregation, snapshots, new messages."""
+  t, frags, nodes = s.tick, st.frags, jnp.arange(st.n)
+  x_own = fragments_lib.to_layout(s.nodes.params, frags)                                      # (N, F, L)
+  # relative to the end of tick t (an idle queue: -block_us, where replies can still start)
+  busy = tb.maximum(tb.sub_narrow(s.backlog_us, st.block_us), tb.wide(jnp.full((st.n,), -st.block_us)))
+
+  # a. what is due now (only receivers ending a round have due records)
+  msgs, rep, busy, made, copies, used = due_copies(st, s, p, busy)
+
+  # b. aggregate (the algorithm's rule); pairwise exchanges first change both partners
+  params = s.nodes.params
+  if st.pairwise:
+    params = replies_lib.exchange(params, msgs.dst, rep, msgs.slot_tick, t, used[0].due,
+                                  lat_us=p.links.latency_us, dt_us=st.dt_us, age_cap=st.age_cap)
+  x = x_own if not st.pairwise else fragments_lib.to_layout(params, frags)
+  k = s.nodes.rounds % st.depth                                                               # (N,)
+  mixed, alg_state = st.alg.aggregate(x, ring_lib.Inbox(s.ring, copies, ends, k), s.alg)
+  params = jnp.where(ends[:, None], fragments_lib.from_layout(mixed, frags), params)
+
+  # c. retire slot r % D (its records are all final by now) and write the snapshot
+  old = msgs.fate[nodes, k] if rep is None else jnp.concatenate([msgs.fate[nodes, k], rep.fate[nodes, k]], axis=1)
+  ring = ring_lib.write(s.ring, k, x_own, ends)
+
+  # d. the new round's messages and their fates
+  new_msgs, backlog = send(st, s._replace(msgs=msgs), p, ends, busy, k)
+  if rep is not None:  # a new round's pings have no replies yet
+    rep = rep._replace(fate=rep.fate.at[nodes, k].set(jnp.where(ends[:, None], 0, rep.fate[nodes, k])))
+  c = s.counters
+  counters = Counters(retired=fates.retire(c.retired, old, ends),
+                      sent=c.sent + made + st.m * jnp.sum(ends, dtype=jnp.int32),
+                      age_sum=c.age_sum + sum(jnp.sum(jnp.where(u.due, u.age, 0)) for u in used).astype(jnp.float32),
+                      age_count=c.age_count + sum(jnp.sum(u.due, dtype=jnp.int32) for u in used))
+  return s._replace(nodes=s.nodes._replace(params=params, rounds=s.nodes.rounds + ends),
+                    msgs=new_msgs, replies=rep, backlog_us=backlog, ring=ring, alg=alg_state,
+                    counters=counters)
+
+
+def local_tick(st: Static, sgd: nodes_lib.LocalSGD, s: State, p: Params):
+  """The local steps of one tick (events 1 of the module docstring)."""
+  t = s.tick
+  active = clock.steps_now(t, p.links.period)
+  x, opt_state, steps, losses = sgd.step(s.nodes.params, s.nodes.opt_state, s.nodes.steps,
+                                        p.data, p.key, p.lr, p.momentum, active)
+  s = s._replace(nodes=s.nodes._replace(params=x, opt_state=opt_state, steps=steps), tick=t + 1)
+  # per-node losses, averaged over nodes once per chunk (`advance`): a sum over nodes here
+  # would be a collective every tick with `devices` > 1, making the devices wait for each other
+  return s, (jnp.where(active, losses, 0.0), active)
+
+
+def round_end(st: Static, s: State, p: Params) -> State:
+  """Events 2-3 of the tick just simulated. Round ends can only fall on ticks t with
+  (t+1) % H == 0 (every R_i is a multiple of H), so this runs after every H-th tick,
+  masked by which nodes actually end a round: no per-tick branch."""
+  t = s.tick - 1
+  ends = clock.round_ends(t, p.links.period, s.nodes.steps, st.h)
+  return end_rounds(st, s._replace(tick=t), p, ends)._replace(tick=t + 1)
+
+
+def advance(st: Static, sgd: nodes_lib.LocalSGD, communicate: bool, s: State, p: Params, length: int):
+  """Simulates `length` ticks (static) from a tick that is a multiple of H.
+
+  The local step is traced once, as the body of the scan over a block's H ticks (and, if
+  `length` is not a multiple of H, once more for the remaining ticks): compile time grows
+  with every copy of an unrolled model.
+
+  Returns:
+    (state, metrics) with metrics["train_loss"] of shape (length,).
+  """
+  local = lambda s, _: local_tick(st, sgd, s, p)
+
+  def block(s, _):  # H ticks, the last of which may end rounds
+    s, losses = jax.lax.scan(local, s, None, length=st.h)
+    return (round_end(st, s, p) if communicate else s), losses
+
+  n_blocks, rest = divmod(length, st.h)
+  s, losses = jax.lax.scan(block, s, None, length=n_blocks)
+  losses = jax.tree.map(lambda a: a.reshape((-1, st.n)), losses)                             # (ticks, N)
+  if rest:
+    s, tail = jax.lax.scan(local, s, None, length=rest)
+    losses = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), losses, tail)
+  losses, active = losses
+  mean = jnp.sum(losses, axis=1) / jnp.maximum(jnp.sum(active, axis=1), 1)                   # (length,)
+  return s, {"train_loss": mean}
+
+
 def make(cfg: Config, task, alg: AsyncAlgorithm, *, communicate: bool = True) -> Engine:
-  """Builds the pure `init` and `advance` functions of one run's structure (Static).
+  """The engine of one run's structure: Static from the config, composed stages.
 
   `communicate=False` leaves out round ends entirely (local training only): the baseline
   against which the simulation's overhead is measured (benchmarks/overhead.py).
   """
   alg.check()
-  n, h = cfg.n_nodes, cfg.local_steps
   net = network_lib.build(cfg)
   frags = fragments_lib.partition(task.tensor_sizes, alg.fragments, cfg.data_seed)
-  f, width, m = frags.n, frags.width, alg.messages
   d = ring_depth(cfg, alg, net)
   check_horizon(cfg, d, net)
-  dt_us = net.dt_us
-  bits = alg.payload_bits(frags.sizes) + cfg.network.header_bits
-  round_ticks_np = (h * net.period).astype(np.int64)
-  nodes = jnp.arange(n, dtype=jnp.int32)
+  st = Static(n=cfg.n_nodes, h=cfg.local_steps, f=frags.n, width=frags.width, m=alg.messages,
+              depth=d, dt_us=net.dt_us, alg=alg, frags=frags)
   sgd = nodes_lib.make(cfg, task)
-  reply, pairwise = alg.replies is not None, alg.replies is not None and alg.replies.pairwise
-  rows = jnp.broadcast_to(nodes[:, None, None], (n, d, m))
-  slots = jnp.broadcast_to(jnp.arange(d, dtype=jnp.int32)[None, :, None], (n, d, m))
-  block_us = h * dt_us
-  age_cap = tb.CAP_US // dt_us  # ages beyond the horizon (check_horizon) never matter; keeps int32 exact
   static = static_key(cfg, d)
 
   def params(cfg_p: Config, data) -> Params:
@@ -243,161 +435,11 @@ def make(cfg: Config, task, alg: AsyncAlgorithm, *, communicate: bool = True) ->
     check_horizon(cfg_p, d, net_p)
     return make_params(cfg_p, data, alg.payload_bits(frags.sizes) + cfg_p.network.header_bits, net_p)
 
-  def init(run_key) -> State:
-    p0 = task.init_flat(sampling.stream(run_key, sampling.STREAM_INIT))
-    x = jnp.tile(p0[None, :], (n, 1))  # all nodes start from the same model
-    zi = lambda *s: jnp.zeros(s, jnp.int32)
-    return State(
-        nodes=Nodes(params=x, opt_state=sgd.init_opt(x), steps=zi(n), rounds=zi(n)),
-        msgs=Messages(*(zi(n, d, m) for _ in range(5)), slot_tick=zi(n, d)),
-        replies=replies_lib.empty(n, d, m) if reply else None,
-        backlog_us=tb.wide(zi(n)), ring=jnp.zeros((d, n, f, width), jnp.float32),
-        alg=alg.init(fragments_lib.to_layout(x, frags), Dims(n, f, width, d)),
-        counters=Counters(retired=zi(len(FATES)), sent=zi(), age_sum=jnp.zeros((), jnp.float32),
-                          age_count=zi()),
-        tick=zi())
-
-  def send(s: State, p: Params, t, ends, busy, k):
-    """The new round's messages, their upload completions and fates; supersedes older copies."""
-    dst, frag = jax.vmap(alg.plan, in_axes=(None, 0, 0))(
-        sampling.stream(p.key, sampling.STREAM_PLAN), nodes, s.nodes.rounds)                 # (N, M)
-    lk = p.links
-    round_ticks = h * lk.period
-    service = network_lib.service(lk, jnp.broadcast_to(nodes[:, None], dst.shape), dst, frag)
-    completions = queue.enqueue(busy, service, alg.queue.flush)   # exact, however far behind
-    completion = tb.narrow(completions)                             # saturating: exact below the horizon
-    arrival = completion + (lk.latency_us[nodes][:, None] + lk.latency_us[dst]) // 2
-    fate, ftick = fates.at_send(t, completion, arrival, round_ticks, round_ticks[dst], d, dt_us,
-                                alg.queue.flush)
-    msgs = s.msgs
-    fate_table = msgs.fate
-    if not reply:  # a newer copy consumed by the same aggregation replaces the older one
-      other_slot = jnp.arange(d)[None, :] != k[:, None]                                       # (N, D)
-      pending = (msgs.fate == fates.DELIVERED) & (msgs.tick > t) & other_slot[..., None] & ends[:, None, None]
-      replaced = fates.supersede(msgs.dst * f + msgs.frag, msgs.tick, pending,
-                                 dst * f + frag, ftick, fate == fates.DELIVERED)
-      fate_table = jnp.where(replaced, fates.SUPERSEDED, fate_table)
-
-    def write(table, new):
-      return table.at[nodes, k].set(jnp.where(ends[:, None], new, table[nodes, k]))
-
-    msgs = Messages(dst=write(msgs.dst, dst), frag=write(msgs.frag, frag), fate=write(fate_table, fate),
-                    tick=write(msgs.tick, ftick), done=write(msgs.done, completion),
-                    slot_tick=msgs.slot_tick.at[nodes, k].set(jnp.where(ends, t, msgs.slot_tick[nodes, k])))
-    backlog = (tb.where(ends, jax.tree.map(lambda x: x[:, -1], completions), busy) if not alg.queue.flush
-               else tb.wide(jnp.zeros((n,), jnp.int32)))
-    return msgs, backlog
-
-  def end_rounds(s: State, p: Params, ends):
-    """The round-end tick of a block: replies, aggregation, snapshots, new messages."""
-    t, lk, msgs = s.tick, p.links, s.msgs
-    round_ticks = h * lk.period
-    x_own = fragments_lib.to_layout(s.nodes.params, frags)                                   # (N, F, L)
-    # relative to the end of tick t (an idle queue: -block_us, where replies can still start)
-    busy = tb.maximum(tb.sub_narrow(s.backlog_us, block_us), tb.wide(jnp.full((n,), -block_us)))
-    sent, rep = s.counters.sent, s.replies
-    age = (t - msgs.slot_tick)[..., None]
-
-    # a. replies to pings that arrived in this block, then what is due now (only receivers
-    #    ending a round have due records)
-    if reply:
-      rep, busy, made = replies_lib.make(
-          rep, msgs.dst, msgs.fate, msgs.done, msgs.slot_tick, t, busy, lat_us=lk.latency_us,
-          round_ticks=round_ticks, service=lambda *a: network_lib.service(lk, *a), depth=d,
-          dt_us=dt_us, block_us=block_us, age_cap=age_cap, pairwise=pairwise)
-      sent = sent + made
-      fate_table, rep, due, due_rep = replies_lib.newest_only(
-          msgs.dst, msgs.fate, msgs.tick, msgs.done, rep, msgs.slot_tick, t, dt_us=dt_us,
-          age_cap=age_cap, pairwise=pairwise)
-      msgs = msgs._replace(fate=fate_table)
-    else:
-      due = (msgs.fate == fates.DELIVERED) & (msgs.tick == t)
-    zeros = jnp.zeros_like(rows)
-    pushes = ring_lib.Copies(due, rows, slots, msgs.dst, msgs.frag, jnp.broadcast_to(age, rows.shape))
-    if pairwise:  # the pings carry nothing to average; the replies complete exchanges
-      used = (pushes._replace(due=due_rep),)
-      copies = ()
-    elif reply:   # push-pull: the replies are averaged like any copy
-      copies = used = (pushes, ring_lib.Copies(due_rep, msgs.dst, rep.slot, rows, zeros, t - rep.made))
-    else:
-      copies = used = (pushes,)
-
-    # b. aggregate (the algorithm's rule); pairwise exchanges first change both partners
-    params = s.nodes.params
-    if pairwise:
-      params = replies_lib.exchange(params, msgs.dst, rep, msgs.slot_tick, t, due_rep,
-                                    lat_us=lk.latency_us, dt_us=dt_us, age_cap=age_cap)
-    x = x_own if not pairwise else fragments_lib.to_layout(params, frags)
-    k = s.nodes.rounds % d                                                                   # (N,)
-    mixed, alg_state = alg.aggregate(x, ring_lib.Inbox(s.ring, copies, ends, k), s.alg)
-    params = jnp.where(ends[:, None], fragments_lib.from_layout(mixed, frags), params)
-    ages = sum(jnp.sum(jnp.where(c.due, c.age, 0)) for c in used)
-    n_used = sum(jnp.sum(c.due, dtype=jnp.int32) for c in used)
-
-    # c. retire slot r % D (its records are all final by now) and write the snapshot
-    old = msgs.fate[nodes, k] if rep is None else jnp.concatenate([msgs.fate[nodes, k], rep.fate[nodes, k]], axis=1)
-    ring = ring_lib.write(s.ring, k, x_own, ends)
-
-    # d. the new round's messages and their fates
-    new_msgs, backlog = send(s._replace(msgs=msgs), p, t, ends, busy, k)
-    if rep is not None:  # a new round's pings have no replies yet
-      rep = rep._replace(fate=rep.fate.at[nodes, k].set(jnp.where(ends[:, None], 0, rep.fate[nodes, k])))
-    counters = Counters(retired=fates.retire(s.counters.retired, old, ends),
-                        sent=sent + m * jnp.sum(ends, dtype=jnp.int32),
-                        age_sum=s.counters.age_sum + ages.astype(jnp.float32),
-                        age_count=s.counters.age_count + n_used)
-    return s._replace(nodes=s.nodes._replace(params=params, rounds=s.nodes.rounds + ends),
-                      msgs=new_msgs, replies=rep, backlog_us=backlog, ring=ring, alg=alg_state,
-                      counters=counters)
-
-  def tick(s: State, p: Params):
-    """The local steps of one tick (events 1 of the module docstring)."""
-    t = s.tick
-    active = clock.steps_now(t, p.links.period)
-    x, opt_state, steps, losses = sgd.step(s.nodes.params, s.nodes.opt_state, s.nodes.steps,
-                                          p.data, p.key, p.lr, p.momentum, active)
-    s = s._replace(nodes=s.nodes._replace(params=x, opt_state=opt_state, steps=steps), tick=t + 1)
-    # per-node losses, averaged over nodes once per chunk (`advance`): a sum over nodes here
-    # would be a collective every tick with `devices` > 1, making the devices wait for each other
-    return s, (jnp.where(active, losses, 0.0), active)
-
-  def round_end(s: State, p: Params):
-    """Events 2-3 of the tick just simulated. Round ends can only fall on ticks t with
-    (t+1) % H == 0 (every R_i is a multiple of H), so this runs after every H-th tick,
-    masked by which nodes actually end a round: no per-tick branch."""
-    t = s.tick - 1
-    ends = clock.round_ends(t, p.links.period, s.nodes.steps, h)
-    return end_rounds(s._replace(tick=t), p, ends)._replace(tick=t + 1)
-
-  def advance(s: State, p: Params, length: int):
-    """Simulates `length` ticks (static) from a tick that is a multiple of H.
-
-    The local step is traced once, as the body of the scan over a block's H ticks (and, if
-    `length` is not a multiple of H, once more for the remaining ticks): compile time grows
-    with every copy of an unrolled model.
-
-    Returns:
-      (state, metrics) with metrics["train_loss"] of shape (length,).
-    """
-    local = lambda s, _: tick(s, p)
-
-    def block(s, _):  # H ticks, the last of which may end rounds
-      s, losses = jax.lax.scan(local, s, None, length=h)
-      return (round_end(s, p) if communicate else s), losses
-
-    n_blocks, rest = divmod(length, h)
-    s, losses = jax.lax.scan(block, s, None, length=n_blocks)
-    losses = jax.tree.map(lambda a: a.reshape((-1, n)), losses)                              # (ticks, N)
-    if rest:
-      s, tail = jax.lax.scan(local, s, None, length=rest)
-      losses = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), losses, tail)
-    losses, active = losses
-    mean = jnp.sum(losses, axis=1) / jnp.maximum(jnp.sum(active, axis=1), 1)                # (length,)
-    return s, {"train_loss": mean}
-
-  return Engine(init=init, advance=advance, params=params, counts=message_counts,
-                node_axes=node_axes, static=static, frags=frags, net=net, depth=d,
-                round_ticks=round_ticks_np, ring_bytes=d * n * f * width * 4)
+  return Engine(
+      init=lambda run_key: init_state(st, sgd, task.init_flat(sampling.stream(run_key, sampling.STREAM_INIT))),
+      advance=functools.partial(advance, st, sgd, communicate), params=params, counts=message_counts,
+      node_axes=node_axes, static=static, frags=frags, net=net, depth=d,
+      round_ticks=(cfg.local_steps * net.period).astype(np.int64), ring_bytes=d * st.n * st.f * st.width * 4)
 
 
 def node_axes(state: State):

@@ -467,7 +467,7 @@ def _get(cfg, key: str):
 
 
 def _default(cfg: Config, key: str):
-  """The schema's default of a dotted key (fragments: the algorithm's, as config.from_dict)."""
+  """The schema's default of a dotted key (fragments: the algorithm's, as configure.from_dict)."""
   if key == "fragments":
     from divjax import algorithms
     return algorithms.DEFAULT_FRAGMENTS.get(cfg.algorithm, 1)

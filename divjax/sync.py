@@ -36,6 +36,7 @@ from divjax import network as network_lib
 from divjax import nodes as nodes_lib
 from divjax import sampling
 from divjax import timebase as tb
+from divjax.algorithms.base import SyncProtocol  # noqa: F401  (the synchronous algorithms' interface)
 from divjax.config import Config
 
 _TIME_LIMIT_US = (1 << 31) - 1  # round times saturate here: a round that long never fits a run
@@ -44,18 +45,6 @@ _TIME_LIMIT_US = (1 << 31) - 1  # round times saturate here: a round that long n
 def add(a, b):
   """Saturating sum of non-negative int32 times: a round past the limit stays past it."""
   return tb.sat_add(a, b, _TIME_LIMIT_US)
-
-
-class SyncProtocol(NamedTuple):
-  """A synchronous algorithm: the mixing of round r, sampled from a key.
-
-  mixing(key, round) -> (src (E,), dst (E,), w (E,), self_w (N,)); an edge with w == 0 carries
-  no message. E is static. Server algorithms give `cohort(key, round) -> (C,) int32` sorted
-  client ids instead (mixing is then unused).
-  """
-  name: str
-  mixing: Optional[Callable] = None
-  cohort: Optional[Callable] = None
 
 
 class SyncState(NamedTuple):

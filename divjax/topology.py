@@ -142,3 +142,32 @@ def neighbour_lists(edges: Edges, n: int, name: str = "graph") -> np.ndarray:
                         f"(ring, torus, regular, complete, or such an edge list)")
   order = np.lexsort((edges.dst, edges.src))
   return edges.dst[order].reshape(n, int(deg[0])).astype(np.int32)
+
+
+MAX_GRAPH_EDGES = 1 << 24    # fixed graphs are built (and checked for connectivity) on the host
+
+
+def check_config(cfg, algorithm: str, *, fixed_only: bool, regular: bool = False, build: bool = True) -> None:
+  """Refuses a graph an algorithm cannot use, before anything is compiled (a ValueError naming
+  `topology`): a random one where a fixed one is needed, and unless `build` is False, one too
+  large to build on the host, a disconnected one, or (`regular`) one whose nodes have
+  different degrees."""
+  if fixed_only and cfg.topology not in FIXED:
+    raise ValueError(f"topology: algorithm {algorithm!r} needs a fixed graph, one of "
+                     f"{', '.join(FIXED)} (got {cfg.topology!r})")
+  if cfg.topology not in FIXED or not build:
+    return
+  n = cfg.n_nodes
+  n_edges = {"complete": n * (n - 1), "edges": 2 * len(cfg.topology_edges or [])}.get(
+      cfg.topology, 2 * n * max(2, cfg.topology_degree))
+  if n_edges > MAX_GRAPH_EDGES:
+    raise ValueError(f"topology: a {cfg.topology} graph on n_nodes = {n} has about {n_edges:.3g} "
+                     f"edges, more than {MAX_GRAPH_EDGES} (choose a sparser topology, e.g. ring, "
+                     f"torus or regular with a small topology_degree)")
+  try:
+    edges = fixed(cfg.topology, n, degree=cfg.topology_degree, seed=cfg.data_seed,
+                  edge_list=cfg.topology_edges)
+    if regular:
+      neighbour_lists(edges, n, cfg.topology)
+  except TopologyError as e:
+    raise ValueError(f"{e} (algorithm {algorithm!r} needs a connected graph)") from None

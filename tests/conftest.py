@@ -8,7 +8,7 @@ import pytest  # noqa: E402
 # 4 CPU devices for the sharded-run tests (DESIGN.md 7); everything else uses the first one
 jax.config.update("jax_num_cpu_devices", 4)
 
-from divjax import config  # noqa: E402
+from divjax import config, configure  # noqa: E402
 
 TINY = [
     "n_nodes=6", "fragments=2", "recipients=2", "local_steps=4", "batch_size=4",
@@ -19,8 +19,17 @@ TINY = [
 
 
 def tiny_config(*overrides: str) -> config.Config:
-  """A 6-node, 122-parameter DivShare run of 40 ticks; overrides are --set style."""
-  return config.load(None, TINY + list(overrides))
+  """A 6-node, 122-parameter DivShare run of 40 ticks; overrides are --set style.
+
+  TINY's fragments and recipients are left out for an algorithm that does not use them (it
+  would refuse them)."""
+  from divjax import algorithms
+  name = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("algorithm=")), "divshare")
+  props = algorithms.PROPERTIES.get(name)
+  base = [o for o in TINY if props is None
+          or not (o.startswith("fragments=") and not props.uses_fragments)
+          and not (o.startswith("recipients=") and not props.uses_recipients)]
+  return configure.load(None, base + list(overrides))
 
 
 @pytest.fixture

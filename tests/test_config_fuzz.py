@@ -22,7 +22,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from divjax import config
+from divjax import config, configure
 from divjax.config import ConfigError
 
 
@@ -86,7 +86,7 @@ BASE = {"n_nodes": 6, "fragments": 2, "recipients": 2, "local_steps": 4, "batch_
 def refused(key: str, value) -> str:
   """The ConfigError message for BASE with `key` set to `value`; fails if it validates."""
   with pytest.raises(ConfigError) as info:
-    config.from_dict(nest({**BASE, key: value}))
+    configure.from_dict(nest({**BASE, key: value}))
   return str(info.value)
 
 
@@ -147,11 +147,11 @@ def test_known_bad_input_is_refused_naming_the_key(key, value):
 def test_fragments_beyond_other_models_are_refused():
   # a model too small for DivShare's default 8 fragments: logreg on 1 input, 2 classes
   with pytest.raises(ConfigError, match=r"^fragments: must be in 1\.\.2 ") as info:
-    config.from_dict(nest({**BASE, "fragments": None, "model": "logreg", "data.dim": 1,
+    configure.from_dict(nest({**BASE, "fragments": None, "model": "logreg", "data.dim": 1,
                            "data.n_classes": 2, "data.classes_per_node": 1}))
   assert "(got 8)" in str(info.value)
   with pytest.raises(ConfigError, match=r"^fragments: must be in 1\.\.51200 "):
-    config.from_dict(nest({**BASE, "task": "cifar10", "fragments": 51201}))
+    configure.from_dict(nest({**BASE, "task": "cifar10", "fragments": 51201}))
 
 
 KNOWN_GOOD = [
@@ -163,10 +163,10 @@ KNOWN_GOOD = [
     {"network.download_cap": True}, {"network.download_cap": False}, {"network.preset": "diablo"},
     {"network.stragglers.nodes": [0, 5]}, {"network.stragglers.fraction": 1.0},
     {"network.stragglers.slowdown": 4, "network.stragglers.kind": "both"},
-    {"network.latency_ms": 0}, {"network.header_bits": 800}, {"server.cohort": 6},
+    {"network.latency_ms": 0}, {"network.header_bits": 800}, {"algorithm": "fedavg", "server.cohort": 6},
     {"data.partition": "iid"}, {"data.partition": "dirichlet", "data.alpha": 0.1},
     {"algorithm": "dpsgd", "topology": "ring"}, {"algorithm": "swift"}, {"algorithm": "el"},
-    {"algorithm": "fedavg"}, {"algorithm": "adpsgd"},
+    {"algorithm": "fedavg"}, {"algorithm": "adpsgd"}, {"algorithm": "sgp"}, {"algorithm": "divshare_age"},
     {"algorithm": "dpsgd", "topology": "edges", "topology_edges": [[i, (i + 1) % 6] for i in range(6)]},
     {"task": "cifar10", "fragments": 51200}, {"task": "mnist", "fragments": 8},
     {"task": "movielens-100k", "fragments": 8}, {"duration_s": 3600, "eval_every_s": 60},
@@ -174,10 +174,35 @@ KNOWN_GOOD = [
 ]
 
 
+def base_for(algorithm: str = "divshare") -> dict:
+  """BASE without the keys `algorithm` ignores (configure refuses them)."""
+  from divjax import algorithms
+  props = algorithms.PROPERTIES[algorithm]
+  return {k: v for k, v in BASE.items()
+          if not (k == "fragments" and not props.uses_fragments) and not (k == "recipients" and not props.uses_recipients)}
+
+
 @pytest.mark.parametrize("flat", KNOWN_GOOD, ids=[repr(g) for g in KNOWN_GOOD])
 def test_known_good_input_validates(flat):
-  cfg = config.from_dict(nest({**BASE, **flat}))
+  cfg = configure.from_dict(nest({**base_for(flat.get("algorithm", "divshare")), **flat}))
   assert _violations(cfg) == []
+
+
+@pytest.mark.parametrize("algorithm, key, value", [
+    ("adpsgd", "fragments", 4), ("dpsgd", "fragments", 2), ("sgp", "fragments", 8),
+    ("dpsgd", "recipients", 2), ("swift_original", "recipients", 4), ("fedavg", "recipients", 5),
+    ("divshare", "topology", "ring"), ("el", "topology_degree", 6), ("adpsgd", "server.cohort", 3),
+    ("swift", "server.upload_mbps", 5.0)])
+def test_a_key_the_algorithm_ignores_is_refused_naming_it(algorithm, key, value):
+  """Silently dropped before (fragments for AD-PSGD, for example); now refused, and the
+  default value (what the algorithm effectively uses) is still accepted."""
+  flat = {**base_for(algorithm), "algorithm": algorithm}
+  with pytest.raises(ConfigError) as info:
+    configure.from_dict(nest({**flat, key: value, "topology": "ring"} if key.startswith("recipients")
+                             and algorithm in ("dpsgd", "swift_original") else {**flat, key: value}))
+  assert str(info.value).startswith(f"{key}: algorithm {algorithm!r}")
+  assert str(value) in str(info.value) or key.startswith("server")
+  configure.from_dict(nest(flat))
 
 
 def test_fragments_bound_is_the_largest_tensor_of_the_model_tasks_builds(tiny):
@@ -188,7 +213,7 @@ def test_fragments_bound_is_the_largest_tensor_of_the_model_tasks_builds(tiny):
   model = tasks.make_classifier(tiny(), input_shape=(5,), n_classes=10)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0)))
   assert sorted(math.prod(s.shape) for s in jax.tree.leaves(shapes)) == [7, 10, 35, 70]
-  assert config.from_dict(nest({**BASE, "fragments": 70})).fragments == 70
+  assert configure.from_dict(nest({**BASE, "fragments": 70})).fragments == 70
   assert refused("fragments", 71).startswith("fragments: must be in 1..70 for this model (mlp, 122 parameters")
 
 
@@ -374,16 +399,16 @@ def _raw_of(text_or_dict, items):
 @FUZZ
 @given(configs)
 def test_from_dict_validates_or_raises_config_error(raw):
-  _validates_or_config_error(config.from_dict, raw, raw=raw)
+  _validates_or_config_error(configure.from_dict, raw, raw=raw)
 
 
 @FUZZ
 @given(st.one_of(configs, st.dictionaries(st.text(max_size=4), values, max_size=3)),
        st.lists(overrides, max_size=4))
 def test_overrides_validate_or_raise_config_error(raw, items):
-  _validates_or_config_error(lambda: config.from_dict(config.apply_overrides(raw, items)),
+  _validates_or_config_error(lambda: configure.from_dict(config.apply_overrides(raw, items)),
                              raw=_raw_of(raw, items))
-  _validates_or_config_error(config.load, None, items, raw=_raw_of({}, items))
+  _validates_or_config_error(configure.load, None, items, raw=_raw_of({}, items))
 
 
 @FUZZ
@@ -392,14 +417,14 @@ def test_overrides_validate_or_raise_config_error(raw, items):
 def test_random_yaml_files_validate_or_raise_config_error(tmp_path_factory, text, items):
   path = tmp_path_factory.getbasetemp() / "fuzz.yaml"
   path.write_text(text, encoding="utf-8")
-  _validates_or_config_error(config.load, path, items, raw=_raw_of(text, items))
+  _validates_or_config_error(configure.load, path, items, raw=_raw_of(text, items))
 
 
 def test_not_a_list_of_overrides_or_a_mapping():
   for bad in (["n_nodes=3", 7], "n_nodes=3", [None]):
     with pytest.raises(ConfigError, match="--set"):
-      config.load(None, bad)
+      configure.load(None, bad)
   with pytest.raises(ConfigError, match="expected a mapping"):
     config.apply_overrides([1, 2], ["n_nodes=3"])
   with pytest.raises(ConfigError, match="config file: expected a path"):
-    config.load(42)
+    configure.load(42)

@@ -18,7 +18,7 @@ import jax
 import pytest
 
 from conftest import tiny_config
-from divjax import config, memory, simulate
+from divjax import config, configure, memory, simulate
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -41,7 +41,7 @@ ABSURD = [  # (overrides, the key the refusal must name as the driver)
 
 @pytest.mark.parametrize("overrides, key", ABSURD, ids=[o[0][0] for o in ABSURD])
 def test_precheck_refuses_absurd_sizes_at_once_naming_the_driver(overrides, key):
-  cfg = config.load(None, overrides)
+  cfg = configure.load(None, overrides)
   t0 = time.perf_counter()
   with pytest.raises(memory.TooLarge) as info:
     memory.precheck(cfg)
@@ -60,12 +60,12 @@ def test_precheck_refuses_absurd_sizes_at_once_naming_the_driver(overrides, key)
 
 def test_a_huge_latency_is_named_through_the_automatic_ring_depth():
   with pytest.raises(memory.TooLarge, match=r"automatic ring_depth \(D = 12503 rounds\)"):
-    memory.precheck(config.load(None, ["network.latency_ms=1e6", "memory_limit_gb=1"]))
+    memory.precheck(configure.load(None, ["network.latency_ms=1e6", "memory_limit_gb=1"]))
   # with a fixed depth the same latency costs nothing more (those messages expire)
-  memory.precheck(config.load(None, ["network.latency_ms=1e6", "memory_limit_gb=1", "ring_depth=4"]))
+  memory.precheck(configure.load(None, ["network.latency_ms=1e6", "memory_limit_gb=1", "ring_depth=4"]))
   # the 1e9 ms is refused by the config itself, naming the key
   with pytest.raises(config.ConfigError, match=r"network\.latency_ms"):
-    config.load(None, ["network.latency_ms=1e9"])
+    configure.load(None, ["network.latency_ms=1e9"])
 
 
 # ------------------------------------------------------- the config's shapes are the run's

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import yaml
 
-from divjax import checkpoint, cli, config, memory, simulate
+from divjax import checkpoint, cli, config, configure, memory, simulate
 from conftest import TINY, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -229,7 +229,7 @@ def test_checkpoint_interval_chunking_and_resume_change_no_number(tmp_path, refe
   """The reference run's checkpoint at tick 592 (the newest but one), resumed with another evaluation (chunk) and
   checkpoint interval, ends in exactly the reference's final state, with the same simulated
   metrics at tick 600."""
-  other = config.load(None, LONG + ["eval_every_s=0.04", "checkpoint_every_s=0"])  # chunks of 4 ticks
+  other = configure.load(None, LONG + ["eval_every_s=0.04", "checkpoint_every_s=0"])  # chunks of 4 ticks
   sim = simulate.build(other)
   template = jax.eval_shape(sim.engine.init, sim.run_key)
   copy = tmp_path / "copy"
@@ -254,7 +254,7 @@ def test_a_checkpoint_resumes_on_another_device_count(tmp_path, reference):
   """`devices: auto` may resolve differently on the machine that resumes: the unsharded
   reference's checkpoint, resumed on 3 devices (6 nodes, 4 test devices), ends with the same
   messages and clocks and parameters equal to float32 rounding (sharding is a layout)."""
-  other = config.load(None, LONG + ["devices=auto"])
+  other = configure.load(None, LONG + ["devices=auto"])
   sim = simulate.build(other)
   assert sim.mesh is not None and sim.mesh.size == 3
   copy = tmp_path / "copy"

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from divjax import sampling
 from divjax.algorithms.base import AsyncAlgorithm, Properties, QueuePolicy, ReplyPolicy
 
-PROPERTIES = Properties()
+PROPERTIES = Properties(uses_recipients=True)   # floor(J / 2) pings per round
 
 
 def ping_plan(key, node, round_, n: int, pings: int):

@@ -27,6 +27,11 @@ from divjax.algorithms.base import AsyncAlgorithm, Properties, QueuePolicy, Repl
 PROPERTIES = Properties(doubly_stochastic=True, needs_graph=True, fixed_graph=True)
 
 
+def check(cfg) -> None:
+  # on the complete graph it picks any other node without building the graph
+  topology.check_config(cfg, "adpsgd_pairwise", fixed_only=True, build=cfg.topology != "complete")
+
+
 def keep(x, inbox, state):
   """Nothing is averaged at round ends: the exchanges (divjax.replies.exchange) do the mixing."""
   return x, state

@@ -114,6 +114,18 @@ class AsyncAlgorithm(NamedTuple):
       raise ValueError(f"algorithm {self.name}: replies need whole models (fragments = 1) and no flush")
 
 
+class SyncProtocol(NamedTuple):
+  """A synchronous algorithm: the mixing of round r, sampled from a key.
+
+  mixing(key, round) -> (src (E,), dst (E,), w (E,), self_w (N,)); an edge with w == 0 carries
+  no message. E is static. Server algorithms give `cohort(key, round) -> (C,) int32` sorted
+  client ids instead (mixing is then unused).
+  """
+  name: str
+  mixing: Optional[Callable] = None
+  cohort: Optional[Callable] = None
+
+
 class Properties(NamedTuple):
   """What the rest of divjax may know about an algorithm before building it."""
   synchronous: bool = False          # a round engine with barriers (divjax.sync)
@@ -121,4 +133,6 @@ class Properties(NamedTuple):
   needs_graph: bool = False          # mixes over the `topology` graph
   fixed_graph: bool = False          # ... which must be fixed (not resampled per round)
   default_fragments: int = 1         # `fragments` when the config leaves it out
-  uses_fragments: bool = False       # reads `fragments` at all
+  uses_fragments: bool = False       # reads `fragments` (else it must stay 1)
+  uses_recipients: bool = False      # reads `recipients` (else it must keep its default)
+  uses_server: bool = False          # reads the `server` section

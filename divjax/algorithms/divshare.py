@@ -17,7 +17,7 @@ import functools
 from divjax import sampling
 from divjax.algorithms.base import AsyncAlgorithm, Properties, QueuePolicy, uniform_mean
 
-PROPERTIES = Properties(default_fragments=8, uses_fragments=True)
+PROPERTIES = Properties(default_fragments=8, uses_fragments=True, uses_recipients=True)
 
 
 def divshare(*, n_nodes: int, fragments: int, recipients: int, flush: bool = True,

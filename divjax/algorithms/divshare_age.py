@@ -18,7 +18,7 @@ import numpy as np
 from divjax.algorithms import divshare
 from divjax.algorithms.base import AsyncAlgorithm, Properties
 
-PROPERTIES = Properties(default_fragments=8, uses_fragments=True)
+PROPERTIES = Properties(default_fragments=8, uses_fragments=True, uses_recipients=True)
 
 
 def divshare_age(*, n_nodes: int, fragments: int, recipients: int, local_steps: int) -> AsyncAlgorithm:

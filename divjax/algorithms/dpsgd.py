@@ -13,10 +13,13 @@ import jax.numpy as jnp
 
 from divjax import topology
 from divjax.config import Config
-from divjax.algorithms.base import Properties
-from divjax.sync import SyncProtocol
+from divjax.algorithms.base import Properties, SyncProtocol
 
 PROPERTIES = Properties(synchronous=True, doubly_stochastic=True, needs_graph=True)
+
+
+def check(cfg) -> None:
+  topology.check_config(cfg, "dpsgd", fixed_only=False)
 
 
 def make(cfg: Config) -> SyncProtocol:

@@ -17,10 +17,9 @@ import jax.numpy as jnp
 
 from divjax import sampling
 from divjax.config import Config
-from divjax.algorithms.base import Properties
-from divjax.sync import SyncProtocol
+from divjax.algorithms.base import Properties, SyncProtocol
 
-PROPERTIES = Properties(synchronous=True)
+PROPERTIES = Properties(synchronous=True, uses_server=True)
 
 
 def make(cfg: Config) -> SyncProtocol:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from divjax.algorithms import divshare
 from divjax.algorithms.base import AsyncAlgorithm, Properties, QueuePolicy
 
-PROPERTIES = Properties(default_fragments=1, uses_fragments=True)
+PROPERTIES = Properties(default_fragments=1, uses_fragments=True, uses_recipients=True)
 
 
 def swift(*, n_nodes: int, fragments: int, recipients: int) -> AsyncAlgorithm:

@@ -22,6 +22,10 @@ from divjax.algorithms.base import AsyncAlgorithm, Properties, QueuePolicy
 PROPERTIES = Properties(needs_graph=True, fixed_graph=True)
 
 
+def check(cfg) -> None:
+  topology.check_config(cfg, "swift_original", fixed_only=True, regular=True)
+
+
 def swift_original(*, neighbours: np.ndarray) -> AsyncAlgorithm:
   """neighbours: (N, K) int32, each node's K fixed neighbours (a regular graph)."""
   n, k = neighbours.shape
