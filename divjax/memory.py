@@ -172,8 +172,9 @@ def _protocol(cfg: Config) -> dict:
   if a == "swift_original":
     k = _directed_degree(cfg)[0]
     return base | dict(messages=k, store=k, routes=0)
-  if a in ("dpsgd", "el", "fedavg"):
+  if a in ("dpsgd", "el", "el_local", "el_oracle", "fedavg"):
     edges = {"dpsgd": lambda: _directed_degree(cfg)[1], "el": lambda: cfg.n_nodes * j,
+             "el_local": lambda: cfg.n_nodes * j, "el_oracle": lambda: cfg.n_nodes * j,
              "fedavg": lambda: cfg.server.cohort or cfg.n_nodes}[a]()
     return base | dict(routes=0, edges=edges, sync=True)
   from divjax import algorithms  # an algorithm registered later: ask it

@@ -15,7 +15,7 @@ from divjax.config import ConfigError
     ("bogus_key=1", "bogus_key: unknown key (allowed here:"),
     ("network.bogus=1", "network.bogus: unknown key (allowed here: compute_s_per_step"),
     ("network.stragglers.kind=slow", "network.stragglers.kind"),
-    ("algorithm=nope", "(registered: adpsgd, adpsgd_pairwise, divshare, divshare_age, dpsgd, el, fedavg, sgp, swift, swift_original)"),
+    ("algorithm=nope", "(registered: adpsgd, adpsgd_pairwise, divshare, divshare_age, dpsgd, el, el_local, el_oracle, fedavg, sgp, swift, swift_original)"),
     ("network.stragglers.nodes=[99]", "network.stragglers.nodes"),
 ])
 def test_bad_values_name_the_key(override, needle):

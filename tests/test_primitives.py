@@ -59,8 +59,9 @@ def test_serve_matches_a_plain_fifo():
   svc = np.where(live, svc, 0)
   tie = rng.permutation(k).astype(np.int32)
   busy0 = rng.integers(-60, 10, n).astype(np.int32)
-  done, busy = queue.serve(jnp.asarray(server), jnp.asarray(arrive), tb.wide(jnp.asarray(svc)),
-                           tb.wide(jnp.asarray(busy0)), jnp.asarray(live), ties=(jnp.asarray(tie),))
+  serve = jax.jit(lambda *a: queue.serve(*a[:5], ties=(a[5],)))   # one compile, not op by op
+  done, busy = serve(jnp.asarray(server), jnp.asarray(arrive), tb.wide(jnp.asarray(svc)),
+                     tb.wide(jnp.asarray(busy0)), jnp.asarray(live), jnp.asarray(tie))
   done, busy = np.asarray(tb.narrow(done)), np.asarray(tb.narrow(busy))
   want_busy = busy0.copy()
   for i in sorted(np.flatnonzero(live), key=lambda i: (server[i], arrive[i], tie[i])):
@@ -168,3 +169,62 @@ def test_pairwise_exchange_averages_both_partners_in_order():
                          lat_us=jnp.zeros(n, jnp.int32), dt_us=1, age_cap=10)
   # by pinger: (0, 1) -> 2, 2, 8; then (1, 2) -> 2, 5, 5
   chex.assert_trees_all_close(out, jnp.array([[2.0], [5.0], [5.0]]))
+
+
+def _one_ping():
+  """Node 0 pinged node 1 at the end of tick 3 (table slot 0); the upload took 5 us, no latency."""
+  n, d, m = 2, 2, 1
+  z = jnp.zeros((n, d, m), jnp.int32)
+  msg_dst = z.at[0, 0, 0].set(1)
+  msg_fate = z.at[0, 0, 0].set(fates.DELIVERED)
+  msg_done = z.at[0, 0, 0].set(5)
+  slot_tick = jnp.zeros((n, d), jnp.int32).at[0, 0].set(3)
+  return n, d, m, msg_dst, msg_fate, msg_done, slot_tick
+
+
+def test_a_reply_is_queued_at_the_ping_arrival_and_consumed_at_the_next_round_end():
+  n, d, m, msg_dst, msg_fate, msg_done, slot_tick = _one_ping()
+  busy = tb.wide(jnp.full((n,), -40, jnp.int32))            # both queues idle
+  kw = dict(lat_us=jnp.zeros(n, jnp.int32), round_ticks=jnp.array([4, 4]),
+            service=lambda s, r, f: tb.wide(jnp.full(s.shape, 7, jnp.int32)), depth=d, dt_us=10,
+            block_us=40, age_cap=100)
+  # t = 7 (end at 80 us): the ping arrived at 45 us (-35), node 1 had ended round 0 (at 40 us)
+  rep, busy2, made = replies.make(replies.empty(n, d, m), msg_dst, msg_fate, msg_done, slot_tick, 7, busy,
+                                  pairwise=False, **kw)
+  assert int(made) == 1
+  assert (int(rep.fate[0, 0, 0]), int(rep.tick[0, 0, 0])) == (fates.DELIVERED, 7)   # back at 52 us
+  assert (int(rep.done[0, 0, 0]), int(rep.slot[0, 0, 0]), int(rep.made[0, 0, 0])) == (12, 0, 3)
+  assert int(tb.narrow(busy2)[1]) == -28 and int(tb.narrow(busy2)[0]) == -40
+  # a replier behind its queue answers later: busy until 10 us after the block's end
+  rep, _, _ = replies.make(replies.empty(n, d, m), msg_dst, msg_fate, msg_done, slot_tick, 7,
+                           tb.wide(jnp.array([-40, 10], jnp.int32)), pairwise=False, **kw)
+  assert (int(rep.done[0, 0, 0]), int(rep.tick[0, 0, 0])) == (57, 11)
+  # push-pull: a replier that has finished no round yet does not answer; pairwise always does
+  late = slot_tick.at[0, 0].set(1)
+  _, _, made = replies.make(replies.empty(n, d, m), msg_dst, msg_fate, msg_done.at[0, 0, 0].set(0), late, 3,
+                            busy, pairwise=False, **kw)
+  assert int(made) == 0
+  _, _, made = replies.make(replies.empty(n, d, m), msg_dst, msg_fate, msg_done.at[0, 0, 0].set(0), late, 3,
+                            busy, pairwise=True, **kw)
+  assert int(made) == 1
+
+
+def test_newest_only_supersedes_the_earlier_upload_of_the_same_sender():
+  n, d, m, msg_dst, msg_fate, msg_done, slot_tick = _one_ping()
+  # node 1 pinged node 0 too (slot 0, done 5 us), and node 0's ping got a reply from node 1
+  msg_dst = msg_dst.at[1, 0, 0].set(0)
+  msg_fate = msg_fate.at[1, 0, 0].set(fates.DELIVERED)
+  msg_done = msg_done.at[1, 0, 0].set(5)
+  slot_tick = slot_tick.at[1, 0].set(3)
+  msg_tick = jnp.zeros_like(msg_fate).at[:, 0, 0].set(7)
+  rep = replies.empty(n, d, m)._replace(fate=msg_fate.at[1, 0, 0].set(0), tick=msg_tick,
+                                        done=jnp.zeros_like(msg_done).at[0, 0, 0].set(12))
+  fate, rep2, due_ping, due_pong = replies.newest_only(msg_dst, msg_fate, msg_tick, msg_done, rep, slot_tick, 7,
+                                                       dt_us=10, age_cap=100, pairwise=False)
+  # at node 0: node 1's ping (done 5 us) is older than node 1's reply (done 12 us): superseded
+  assert int(fate[1, 0, 0]) == fates.SUPERSEDED and not bool(due_ping[1, 0, 0])
+  assert bool(due_pong[0, 0, 0]) and bool(due_ping[0, 0, 0])
+  # pairwise replies are never averaged, so they replace nothing
+  fate, _, due_ping, _ = replies.newest_only(msg_dst, msg_fate, msg_tick, msg_done, rep, slot_tick, 7,
+                                             dt_us=10, age_cap=100, pairwise=True)
+  assert int(fate[1, 0, 0]) == fates.DELIVERED and bool(due_ping[1, 0, 0])

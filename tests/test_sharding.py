@@ -49,7 +49,9 @@ def test_sharded_run_equals_unsharded(algorithm, devices, extra):
 
 
 def test_state_is_split_along_nodes():
-  cfg = tiny_config("n_nodes=8", "devices=4")
+  """The engine names each leaf's node axis; with ring depth = N (8 here) the ring used to be
+  split along its slot axis, because node axes were guessed from shapes."""
+  cfg = tiny_config("n_nodes=8", "devices=4", "ring_depth=8")
   sim = simulate.build(cfg)
   state = simulate.place(sim, sim.engine.init(sim.run_key))
   state, _ = simulate.compile_chunk(sim, state, 8)(state, sim.params)
@@ -57,7 +59,9 @@ def test_state_is_split_along_nodes():
     assert leaf.sharding.spec == P(sharding.AXIS)
     assert {s.data.shape[0] for s in leaf.addressable_shards} == {2}  # 8 nodes over 4 devices
   assert len(state.params.sharding.device_set) == 4
-  assert state.ring.sharding.spec == P()  # (D, N, F, W): not node-leading, replicated
+  assert state.ring.shape[:2] == (8, 8)
+  assert state.ring.sharding.spec == P()  # (D, N, F, W): gathered from by every node, replicated
+  assert state.msgs.slot_tick.sharding.spec == P(sharding.AXIS)  # (N, D), D = N: split along N
 
 
 def test_bad_device_counts_are_refused():

@@ -17,13 +17,14 @@ ALGOS = {
     "dpsgd-ring": ["algorithm=dpsgd", "topology=ring"],
     "dpsgd-random-ring": ["algorithm=dpsgd", "topology=random_ring"],
     "el": ["algorithm=el", "recipients=2"],
+    "el_oracle": ["algorithm=el_oracle", "recipients=2"],
     "fedavg-all": ["algorithm=fedavg", "server.upload_mbps=2", "server.download_mbps=1"],
     "fedavg-cohort": ["algorithm=fedavg", "server.cohort=3", "server.upload_mbps=3", "server.latency_ms=4"],
 }
 
 
 DEFAULT = {("dpsgd-ring", "comm-stragglers"), ("dpsgd-random-ring", "compute-stragglers"),
-           ("el", "plain"), ("fedavg-cohort", "comm-stragglers"), ("fedavg-all", "compute-stragglers")}
+           ("el", "plain"), ("el_oracle", "comm-stragglers"), ("fedavg-cohort", "comm-stragglers"), ("fedavg-all", "compute-stragglers")}
 
 
 @pytest.mark.parametrize("algo, case", [
@@ -44,3 +45,27 @@ def test_sync_engine_matches_reference(algo, case):
   for k, v in counts.items():
     assert v == ref[k], k
   np.testing.assert_allclose(np.asarray(state.params), ref_params, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n, j", [(6, 2), (7, 6), (50, 3)])
+def test_el_oracle_every_node_sends_and_receives_exactly_j(n, j):
+  """EL-Oracle: a fresh J-regular digraph each round (no self-loops, no repeated edges);
+  EL-Local (`el`) lets the number received vary."""
+  import jax
+  oracle = algorithms.make(tiny_config("algorithm=el_oracle", f"n_nodes={n}", f"recipients={j}"))
+  local = algorithms.make(tiny_config("algorithm=el_local", f"n_nodes={n}", f"recipients={j}"))
+  key = jax.random.key(0)
+  in_local = []
+  graphs = set()
+  for r in range(5):
+    src, dst, w, self_w = (np.asarray(a) for a in oracle.mixing(key, r))
+    assert (src != dst).all() and len(set(zip(src, dst))) == n * j
+    assert (np.bincount(src, minlength=n) == j).all() and (np.bincount(dst, minlength=n) == j).all()
+    mix = np.diag(self_w) + np.bincount(dst * n + src, weights=w, minlength=n * n).reshape(n, n)
+    np.testing.assert_allclose(mix.sum(0), 1, rtol=1e-6)                  # doubly stochastic
+    np.testing.assert_allclose(mix.sum(1), 1, rtol=1e-6)
+    graphs.add(tuple(sorted(zip(src.tolist(), dst.tolist()))))
+    in_local.append(np.bincount(np.asarray(local.mixing(key, r)[1]), minlength=n))
+  if j < n - 1:  # (j = n - 1 is the complete digraph, every round)
+    assert len(graphs) == 5                                                 # fresh every round
+    assert np.concatenate(in_local).std() > 0                              # EL-Local's in-degrees vary

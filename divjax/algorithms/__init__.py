@@ -5,8 +5,8 @@ synchronous one's a sync.SyncProtocol. What divjax may know before building one 
 default fragments, doubly stochastic mixing) is its module's PROPERTIES.
 """
 
-from divjax.algorithms import (adpsgd, adpsgd_pairwise, divshare, divshare_age, dpsgd, el, fedavg, sgp,
-                               swift, swift_original)
+from divjax.algorithms import (adpsgd, adpsgd_pairwise, divshare, divshare_age, dpsgd, el_local, el_oracle,
+                               fedavg, sgp, swift, swift_original)
 
 MODULES = {
     "divshare": divshare,
@@ -17,7 +17,9 @@ MODULES = {
     "swift_original": swift_original,
     "sgp": sgp,
     "dpsgd": dpsgd,
-    "el": el,
+    "el_local": el_local,
+    "el": el_local,          # the name of EL-Local before el_oracle was added
+    "el_oracle": el_oracle,
     "fedavg": fedavg,
 }
 REGISTRY = {name: mod.make for name, mod in MODULES.items()}

@@ -1,9 +1,13 @@
-"""Epidemic Learning, synchronous EL-Oracle form (de Vos et al., NeurIPS 2023).
+"""Epidemic Learning, EL-Local (de Vos et al., NeurIPS 2023); registered as `el_local` and `el`.
 
 Each round every node runs H local SGD steps, sends its model to s = `recipients` distinct
-peers drawn uniformly afresh, and replaces its model by the uniform average of its own model
-and every model it received this round: x_j <- (x_j + sum_{i -> j} x_i) / (1 + in_j).
-Row-stochastic but not doubly stochastic (the mean drifts, preserved in expectation).
+peers it draws uniformly afresh, independently of the other nodes, and replaces its model by
+the uniform average of its own model and every model it received this round:
+x_j <- (x_j + sum_{i -> j} x_i) / (1 + in_j). The number of models a node receives, in_j,
+varies (EL-Oracle, algorithms/el_oracle.py, fixes it at s). Row-stochastic but not doubly
+stochastic (the mean drifts, preserved in expectation).
+(Earlier divjax versions called this algorithm `el` and described it as EL-Oracle; `el` is
+kept as an alias, with the same results.)
 """
 
 from __future__ import annotations
@@ -30,4 +34,4 @@ def make(cfg: Config) -> SyncProtocol:
     weight = 1.0 / (1.0 + indeg)
     return src, dst, weight[dst], weight
 
-  return SyncProtocol("el", mixing)
+  return SyncProtocol("el_local", mixing)
