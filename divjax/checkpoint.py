@@ -3,7 +3,7 @@
 A run directory holds its checkpoints in RUN/checkpoints/<tick>/, written with
 orbax-checkpoint's CheckpointManager, one step per checkpoint tick, with two items:
 
-  state     every array of the EngineState (params, optimizer state, ring, message tables,
+  state     every array of the engine state (params, optimizer state, ring, message tables,
             counters, tick) as a flat dict {field path: array}, e.g. "params", "opt_state_0_trace";
   records   {"tick": T, "records": [...]}, the metrics.jsonl records up to tick T.
 
@@ -26,7 +26,7 @@ dotted keys) a checkpoint written with another one, except for a longer `duratio
 extended with `--resume DIR --set duration_s=T`). Checkpoints written before checksums existed
 have none: they are restored unverified, and their ticks are listed in `unverified`.
 
-Why a flat dict rather than the EngineState itself: orbax refuses zero-size arrays, and
+Why a flat dict rather than the state itself: orbax refuses zero-size arrays, and
 algorithms without replies have empty (N, D, 0) reply tables (the synchronous engine an
 empty ring). Those leaves are not stored; restore rebuilds them from a template of the run's
 state. Plain string keys also make a checkpoint readable without divjax (`read`).

@@ -124,7 +124,7 @@ class Engine(NamedTuple):
   init: Callable[[jax.Array], Any]              # run key -> state
   advance: Callable[..., tuple[Any, dict]]      # (state, params, length) -> (state, metrics)
   params: Callable[..., Params]                 # (cfg, data) -> Params of a config of this structure
-  counts: Callable[[Any], dict]                 # message counts of a state (host ints)
+  counts: Callable[[Any], dict]                 # message counts of a state: int32 scalars, jittable
   node_axes: Callable[[Any], Any]               # state -> the same tree of node-axis indices (None: none)
   static: str                                   # what fixes the compiled program (a canonical JSON)
   frags: Optional[fragments_lib.Fragments]
@@ -437,7 +437,7 @@ def make(cfg: Config, task, alg: AsyncAlgorithm, *, communicate: bool = True) ->
 
   return Engine(
       init=lambda run_key: init_state(st, sgd, task.init_flat(sampling.stream(run_key, sampling.STREAM_INIT))),
-      advance=functools.partial(advance, st, sgd, communicate), params=params, counts=message_counts,
+      advance=functools.partial(advance, st, sgd, communicate), params=params, counts=device_counts,
       node_axes=node_axes, static=static, frags=frags, net=net, depth=d,
       round_ticks=(cfg.local_steps * net.period).astype(np.int64), ring_bytes=d * st.n * st.f * st.width * 4)
 
@@ -454,11 +454,18 @@ def node_axes(state: State):
                counters=none(state.counters), tick=None)
 
 
+def device_counts(state: State) -> dict:
+  """Cumulative message fates as of the last simulated tick: int32 device scalars (jittable)."""
+  fate, tick = state.msgs.fate.reshape(-1), state.msgs.tick.reshape(-1)
+  if state.replies is not None:
+    fate = jnp.concatenate([fate, state.replies.fate.reshape(-1)])
+    tick = jnp.concatenate([tick, state.replies.tick.reshape(-1)])
+  return fates.counts(fate, tick, state.counters.retired, state.counters.sent, state.tick)
+
+
+_device_counts = jax.jit(device_counts)
+
+
 def message_counts(state: State) -> dict:
-  """Cumulative message fates as of the last simulated tick (host ints)."""
-  s = jax.device_get(state)
-  fate, tick = s.msgs.fate.reshape(-1), s.msgs.tick.reshape(-1)
-  if s.replies is not None:
-    fate = np.concatenate([fate, s.replies.fate.reshape(-1)])
-    tick = np.concatenate([tick, s.replies.tick.reshape(-1)])
-  return fates.counts(fate, tick, s.counters.retired, s.counters.sent, s.tick)
+  """device_counts as host ints."""
+  return fates.to_host(_device_counts(state))

@@ -80,16 +80,20 @@ def retire(retired, old_fates, ends):
 
 
 def counts(fate, tick, retired, sent, now) -> dict:
-  """Cumulative message counts (host ints) from live records (any shape) and retired fates."""
-  fate, tick, retired = (np.asarray(a) for a in (fate, tick, retired))
-  happened = tick < int(now)
-  by = {name: int(retired[i]) + int(np.sum((fate == i) & happened))
-        for i, name in enumerate(FATES) if i != NONE}
+  """Cumulative message counts (int32 scalars; jittable, so they can stay on the device) from
+  live records (any shape, fates and fate ticks) and the fates of retired records."""
+  happened = tick < now
+  by = [retired[i] + jnp.sum((fate == i) & happened, dtype=jnp.int32) for i in range(len(FATES))]
   return {
-      "msgs_sent": int(sent),
-      "msgs_delivered": by["delivered"] + by["superseded"],
-      "msgs_superseded": by["superseded"],
-      "msgs_flushed": by["flushed"],
-      "msgs_expired": by["expired"],
-      "msgs_in_flight": int(np.sum((fate != NONE) & ~happened)),
+      "msgs_sent": jnp.asarray(sent, jnp.int32),
+      "msgs_delivered": by[DELIVERED] + by[SUPERSEDED],
+      "msgs_superseded": by[SUPERSEDED],
+      "msgs_flushed": by[FLUSHED],
+      "msgs_expired": by[EXPIRED],
+      "msgs_in_flight": jnp.sum((fate != NONE) & ~happened, dtype=jnp.int32),
   }
+
+
+def to_host(counts: dict) -> dict:
+  """Device counts as host ints."""
+  return {k: int(v) for k, v in jax.device_get(counts).items()}

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from divjax import algorithms, engine as engine_lib, sharding, sync, tasks
+from divjax import algorithms, engine as engine_lib, fates, sharding, sync, tasks
 from divjax.config import Config
 
 
@@ -33,6 +33,7 @@ class Simulation(NamedTuple):
   params: engine_lib.Params            # the traced part: run key, lr, momentum, links, data
   mesh: Optional[jax.sharding.Mesh]  # the node axis over `devices` devices; None for one
   evaluate_nodes: Callable            # (params (N, P), test) -> per-node metrics, sharded like them
+  counts: Callable                    # state -> message counts on the device (engine.counts, jitted)
 
 
 def build(cfg: Config, task: Optional[tasks.Task] = None, *, communicate: bool = True) -> Simulation:
@@ -43,7 +44,7 @@ def build(cfg: Config, task: Optional[tasks.Task] = None, *, communicate: bool =
   task = task._replace(test=sharding.gather(task.test, mesh))
   params = eng.params(cfg, sharding.gather(task.train_data, mesh))
   evaluate_nodes = jax.jit(sharding.over_nodes(task.eval_fn, mesh, (True, False)))
-  return Simulation(cfg, task, eng, params.key, params, mesh, evaluate_nodes)
+  return Simulation(cfg, task, eng, params.key, params, mesh, evaluate_nodes, jax.jit(eng.counts))
 
 
 def make_engine(cfg: Config, task: tasks.Task, *, communicate: bool = True) -> engine_lib.Engine:
@@ -80,7 +81,7 @@ def evaluate(sim: Simulation, state) -> dict:
       "acc_avg_model": float(avg["acc"][0]),
       "consensus": float(_consensus(whole)),
   }
-  rec.update(sim.engine.counts(state))
+  rec.update(fates.to_host(sim.counts(state)))
   count = int(state.age_count)
   rec["staleness_s"] = float(state.age_sum) / count * sim.cfg.dt_us / 1e6 if count else None
   return rec

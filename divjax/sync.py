@@ -70,9 +70,10 @@ def node_axes(state: SyncState):
 
 
 def message_counts(state: SyncState) -> dict:
-  sent = int(state.sent)
-  return {"msgs_sent": sent, "msgs_delivered": sent, "msgs_superseded": 0, "msgs_flushed": 0,
-          "msgs_expired": 0, "msgs_in_flight": 0}
+  """Every message sent is delivered within its round: int32 scalars, jittable."""
+  sent, zero = jnp.asarray(state.sent, jnp.int32), jnp.zeros((), jnp.int32)
+  return {"msgs_sent": sent, "msgs_delivered": sent, "msgs_superseded": zero, "msgs_flushed": zero,
+          "msgs_expired": zero, "msgs_in_flight": zero}
 
 
 def make(cfg: Config, task, protocol: SyncProtocol) -> engine_lib.Engine:

@@ -55,7 +55,7 @@ def test_doubly_stochastic_mixing_keeps_mean_and_never_grows_consensus(name, top
 @pytest.mark.parametrize("topo, rounds", [("ring", 25), ("torus", 10)])
 def test_dpsgd_contraction_matches_second_eigenvalue(topo, rounds):
   n = 16
-  cfg = tiny_config("algorithm=dpsgd", f"topology={topo}", "lr=0", f"n_nodes={n}", "recipients=2")
+  cfg = tiny_config("algorithm=dpsgd", f"topology={topo}", "lr=0", f"n_nodes={n}")
   edges = topology.fixed(topo, n)
   w, self_w = topology.metropolis_weights(jnp.asarray(edges.src), jnp.asarray(edges.dst), n)
   lam2 = topology.second_eigenvalue(topology.dense_mixing(edges.src, edges.dst, w, self_w, n))

@@ -44,9 +44,9 @@ def assert_agree(state, ref_params, ref_counts):
   np.testing.assert_allclose(np.asarray(state.params), ref_params, rtol=1e-5, atol=1e-5)
 
 
-# The default run covers fragments {1, 2, 8} with and without stragglers; `-m slow` runs the grid.
-DEFAULT = {("fast-links", 1), ("comm-stragglers", 2), ("both-stragglers", 8), ("fast-links", 8),
-           ("compute-stragglers-superseded", 1), ("slow-links-flush", 2)}
+# The default run covers fragments {1, 2, 8}, stragglers of both kinds and slow links (every
+# fate); `-m slow` runs the grid.
+DEFAULT = {("both-stragglers", 8), ("compute-stragglers-superseded", 1), ("slow-links-flush", 2)}
 GRID = [pytest.param(c, f, marks=() if (c, f) in DEFAULT else pytest.mark.slow)
         for c in sorted(CASES) for f in (1, 2, 8)]
 
@@ -77,7 +77,7 @@ def test_divshare_age_engine_matches_reference(case):
 
 
 @pytest.mark.parametrize("case, fragments", [
-    ("both-stragglers", 1), ("slow-links-flush", 4),
+    pytest.param("both-stragglers", 1, marks=pytest.mark.slow), ("slow-links-flush", 4),
     pytest.param("fast-links", 1, marks=pytest.mark.slow),
     pytest.param("fast-links", 4, marks=pytest.mark.slow),
     pytest.param("slow-links-flush", 1, marks=pytest.mark.slow),
@@ -109,7 +109,7 @@ ADPSGD_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", [c if c in ("comm-stragglers-expiring", "both-stragglers-short-ring")
+@pytest.mark.parametrize("case", [c if c == "comm-stragglers-expiring"
                                   else pytest.param(c, marks=pytest.mark.slow) for c in sorted(ADPSGD_CASES)])
 def test_adpsgd_engine_matches_reference(case):
   """Pings, replies queued behind the replier's backlog, newest model per sender."""
@@ -119,7 +119,7 @@ def test_adpsgd_engine_matches_reference(case):
   assert_agree(state, ref_params, ref_counts)
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("seed", [1, pytest.param(2, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow)])
 def test_agreement_over_seeds_with_stragglers(seed):
   cfg = tiny_config(f"seed={seed}", "fragments=8", "recipients=3", *COMM_STRAGGLERS)
   state, ref_params, ref_counts = run_both(cfg, n_ticks=60)
@@ -127,6 +127,7 @@ def test_agreement_over_seeds_with_stragglers(seed):
   assert_agree(state, ref_params, ref_counts)
 
 
+@pytest.mark.slow
 def test_cases_exercise_every_fate():
   """Guards the test above against silently testing nothing: each fate occurs somewhere."""
   seen = {}
@@ -160,7 +161,8 @@ def test_swift_original_engine_matches_reference(case):
   assert_agree(state, ref_params, ref_counts)
 
 
-@pytest.mark.parametrize("case, topo", [("comm-stragglers", "complete"), ("both-stragglers", "ring"),
+@pytest.mark.parametrize("case, topo", [pytest.param("comm-stragglers", "complete", marks=pytest.mark.slow),
+                                        ("both-stragglers", "ring"),
                                         pytest.param("fast-links", "torus", marks=pytest.mark.slow),
                                         pytest.param("slow-links-flush", "complete", marks=pytest.mark.slow),
                                         pytest.param("compute-stragglers-superseded", "complete",

@@ -94,10 +94,13 @@ def test_mf_predicts_dot_products():
 
 @pytest.mark.parametrize("n_nodes, unroll, shape, conv_bias", [
     (3, 8, (8, 8, 3), 0.0),     # all nodes side by side
-    (3, 2, (12, 12, 1), 0.0),   # a group of 2 in the lax.map plus a remainder of 1; odd map sizes
-                                # (12 -> 6 -> 3 -> 1: pooling drops a row and a column)
-    (2, 16, (8, 8, 3), 2.0),    # conv biases large next to the conv outputs' spread: GroupNorm's
-])                              # statistics of conv + bias come from sums over the conv alone
+    # a group of 2 in the lax.map plus a remainder of 1; odd map sizes
+    # (12 -> 6 -> 3 -> 1: pooling drops a row and a column)
+    pytest.param(3, 2, (12, 12, 1), 0.0, marks=pytest.mark.slow),
+    # conv biases large next to the conv outputs' spread: GroupNorm's statistics of conv + bias
+    # come from sums over the conv alone
+    (2, 16, (8, 8, 3), 2.0),
+])
 def test_gn_lenet_stacked_matches_vmap(n_nodes, unroll, shape, conv_bias):
   model = models.make_model("gn_lenet", input_shape=shape, unroll=unroll)
   params = stacked_params(model, n_nodes)
@@ -122,6 +125,7 @@ def test_gn_lenet_vmap_impl_is_the_plain_vmap_and_auto_is_fast_on_cpu():
                              models.apply_shared(fast, params, x[0]), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_gn_lenet_stacked_matches_vmap_on_ties():
   """Flat image regions give exactly equal values in a pooling window: the gradient must go
   to the first maximum only, as flax's max-pool sends it."""
@@ -154,6 +158,7 @@ def test_other_models_stacked_matches_vmap(name, kwargs, x_fn, y_fn):
   assert_stacked_matches_vmap(model, stacked_params(model, 3), x_fn(jax.random.key(1)), y_fn(jax.random.key(2)))
 
 
+@pytest.mark.slow
 def test_gn_lenet_flat_rows_unravel_into_apply_stacked_inside_a_scan():
   """The engine's use: (N, P) flat rows -> vmap(unravel) -> apply_stacked, SGD inside lax.scan."""
   model = models.make_model("gn_lenet", input_shape=(8, 8, 3))

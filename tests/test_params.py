@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from divjax import simulate
+from divjax import fates, simulate
 
 BASE = ["ring_depth=4", "network.stragglers.fraction=0.34", "network.stragglers.slowdown=3",
         "network.stragglers.kind=both", "momentum=0.5"]
@@ -15,7 +15,8 @@ CHANGED = ["seed=5", "lr=0.2", "momentum=0.8", "network.upload_mbps=0.2", "netwo
            "network.stragglers.fraction=0.5", "network.header_bits=800"]
 
 
-@pytest.mark.parametrize("algorithm", ["algorithm=divshare", "algorithm=adpsgd", "algorithm=dpsgd"])
+@pytest.mark.parametrize("algorithm", ["algorithm=divshare", pytest.param("algorithm=adpsgd", marks=pytest.mark.slow),
+                                       "algorithm=dpsgd"])
 def test_changing_only_params_does_not_compile_again(algorithm):
   cfg_a = tiny_config(*BASE, algorithm, "data.seed=0")
   cfg_b = tiny_config(*BASE, algorithm, "data.seed=0", *CHANGED)
@@ -37,7 +38,7 @@ def test_changing_only_params_does_not_compile_again(algorithm):
   assert sim_b.engine.static == sim.engine.static
   own_b, _ = jax.jit(lambda s, p: sim_b.engine.advance(s, p, 16))(sim_b.engine.init(sim_b.run_key), sim_b.params)
   np.testing.assert_array_equal(np.asarray(state_b.params), np.asarray(own_b.params))
-  assert sim.engine.counts(state_b) == sim_b.engine.counts(own_b)
+  assert fates.to_host(sim.engine.counts(state_b)) == fates.to_host(sim_b.engine.counts(own_b))
   assert not np.array_equal(np.asarray(state_a.params), np.asarray(state_b.params))
 
 

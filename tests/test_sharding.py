@@ -24,9 +24,9 @@ def run(cfg):
 
 @pytest.mark.parametrize("algorithm, devices, extra", [
     ("divshare", 2, STRAGGLERS),
-    ("divshare", "auto", []),  # 6 nodes, 4 test devices: 3
-    ("adpsgd", 2, STRAGGLERS),
-    ("swift_original", 2, ["topology=ring"]),
+    pytest.param("divshare", "auto", [], marks=pytest.mark.slow),  # 6 nodes, 4 test devices: 3
+    pytest.param("adpsgd", 2, STRAGGLERS, marks=pytest.mark.slow),
+    pytest.param("swift_original", 2, ["topology=ring"], marks=pytest.mark.slow),
     ("dpsgd", 2, ["topology=ring"] + STRAGGLERS),
 ])
 def test_sharded_run_equals_unsharded(algorithm, devices, extra):

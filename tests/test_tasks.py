@@ -66,6 +66,7 @@ def test_gn_lenet_follows_the_images_and_the_devices():
   assert two.group == 1
 
 
+@pytest.mark.slow  # test_grouped_evaluation_matches_one_model_at_a_time covers the default run
 def test_evaluation_matches_a_per_node_loop(tmp_path):
   write_cifar(tmp_path)
   cfg = tiny_config("task=cifar10", f"data.dir={tmp_path}", "n_nodes=3", "recipients=1", "eval_batch=16")

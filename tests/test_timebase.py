@@ -43,7 +43,7 @@ def test_saturating_segmented_cumsum():
                                 [5, 12, 2**30 + 12, 2**31 - 1, 3, 7])
 
 
-@pytest.mark.parametrize("mbps", [1e-6, 1e-9])
+@pytest.mark.parametrize("mbps", [pytest.param(1e-6, marks=pytest.mark.slow), 1e-9])
 def test_divshare_on_hopeless_links_delivers_nothing(mbps):
   """Every fragment needs more than a round: all flushed, none delivered (was ~half)."""
   cfg = tiny_config(f"network.upload_mbps={mbps}", "fragments=8")
