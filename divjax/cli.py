@@ -30,7 +30,17 @@ import sys
 import traceback
 from pathlib import Path
 
+from typing import Optional
+
 from divjax import rundir
+
+SWEEP_DOC = """Run a grid of configs: every point is CONFIG + --set + its --grid values, validated before
+anything is compiled or written. Points of one static structure (n_nodes, fragments,
+recipients, model, algorithm, ...) share one compiled program, since seed, lr, momentum, link
+speeds, latencies, stragglers and data.seed are traced parameters. DIR/points/<i>_<values>/
+holds each point's config.yaml, metrics.jsonl, summary.json and metrics.png, as `divjax run`
+writes them; DIR holds sweep.csv, sweep.jsonl, sweep.png and sweep_summary.json.
+`--resume DIR` runs only the points not finished yet."""
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DIVERGED = 0, 1, 2, 3
 
@@ -56,12 +66,12 @@ def _timestamp() -> str:
   return f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
 
 
-def _out_dir(args, cfg_path: str | None) -> tuple[Path, bool]:
+def _out_dir(args, cfg_path: str | None, prefix: str = "", extra: tuple = ()) -> tuple[Path, bool]:
   """(output directory, whether it is a default name, to be made unique when created)."""
   if args.out:
     return Path(args.out), False
-  stem = Path(cfg_path).stem if cfg_path else "default"
-  return Path("runs") / rundir.default_name(stem, args.set or [], _timestamp()), True
+  stem = prefix + (Path(cfg_path).stem if cfg_path else "default")
+  return Path("runs") / rundir.default_name(stem, list(args.set or []) + list(extra), _timestamp()), True
 
 
 def _json_default(x):
@@ -264,6 +274,7 @@ def _run(args, hold, stop, out: Path, cfg, resuming: bool, extend: bool, unique:
   import jax  # heavy imports only once the input is known good
   from divjax import checkpoint, memory, sharding, simulate
   sharding.request_cpu_devices(cfg.devices, cfg.n_nodes)  # before anything starts the backend
+  compilation_cache(args.no_cache)
   try:
     memory.precheck(cfg)     # from the config alone: refuses a run too large before building data
     sim = simulate.build(cfg)
@@ -362,6 +373,94 @@ def _finish(out: Path, cfg, sim, records, summary, status, error, signum) -> int
           "interrupted": 128 + int(signum or signal.SIGINT)}.get(status, EXIT_FAILED)
 
 
+def compilation_cache(disabled: bool = False) -> Optional[str]:
+  """Turns on JAX's persistent compilation cache (a second run of the same structure skips
+  compiling): $DIVJAX_COMPILATION_CACHE, or ~/.cache/divjax/jax; "off" (or --no-cache) turns it
+  off. Returns the directory, or None."""
+  where = os.environ.get("DIVJAX_COMPILATION_CACHE", str(Path.home() / ".cache" / "divjax" / "jax"))
+  if disabled or where.strip().lower() in ("off", "0", "none", ""):
+    return None
+  import jax
+  jax.config.update("jax_compilation_cache_dir", where)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  return where
+
+
+def cmd_sweep(args) -> int:
+  """`divjax sweep`: a grid of configs, one compiled program per static structure (divjax.sweep)."""
+  from divjax import config as config_lib, sweep
+  with contextlib.ExitStack() as hold:
+    stop = hold.enter_context(_StopOnSignal())
+    try:
+      if args.resume:
+        out = Path(args.resume)
+        if args.config or args.grid or args.set or args.out or args.force:
+          raise BadInput(f"error: --resume {out} continues the sweep stored there; give no CONFIG, "
+                         f"--grid, --set, --out or --force with it")
+        if not (out / "sweep.yaml").is_file():
+          raise BadInput(f"error: --resume {out}: no sweep.yaml there, so no sweep to continue")
+        hold.enter_context(rundir.claim(out))
+        spec = yaml_load(out / "sweep.yaml")
+        base, overrides, grids, zip_ = out / "base.yaml", spec["set"], spec["grid"], spec["zip"]
+      else:
+        if not args.grid:
+          raise BadInput("error: divjax sweep needs at least one --grid KEY=V1,V2,...")
+        base, overrides, grids, zip_ = args.config, args.set or [], args.grid, args.zip
+      pts = sweep.points(base, overrides, sweep.parse_grid(grids, zip_))
+      if not args.resume:
+        out, unique = _out_dir(args, args.config, prefix="sweep_", extra=grids)
+        if not unique:
+          rundir.check_target(out, args.force)
+    except config_lib.ConfigError as e:
+      print(f"config error: {e}", file=sys.stderr)
+      return EXIT_BAD_INPUT
+    except (BadInput, rundir.RunDirError) as e:
+      print(e, file=sys.stderr)
+      return EXIT_BAD_INPUT
+    from divjax import sharding
+    sharding.request_cpu_devices(pts[0].cfg.devices, pts[0].cfg.n_nodes)
+    compilation_cache(args.no_cache)
+    if not args.resume:
+      try:
+        out, lock = rundir.create(out, force=args.force, unique=unique)
+      except rundir.RunDirError as e:
+        print(e, file=sys.stderr)
+        return EXIT_BAD_INPUT
+      hold.enter_context(lock)
+      raw = yaml_load(Path(args.config)) if args.config else {}
+      _write_atomic(out / "base.yaml", yaml_dump(raw))
+      _write_atomic(out / "sweep.yaml", yaml_dump({"config": args.config, "set": overrides,
+                                                   "grid": grids, "zip": zip_}))
+    try:
+      rows, info = sweep.run(pts, out, progress=not args.quiet, should_stop=stop.requested)
+    except (config_lib.ConfigError, ValueError) as e:  # e.g. a point too large for memory
+      print(f"error: {e}", file=sys.stderr)
+      return EXIT_BAD_INPUT
+    if rows:
+      sweep.write_tables(out, rows)
+      swept = list(pts[0].values)
+      sweep.plot(out, rows, swept)
+    statuses = [r["status"] for r in rows]
+    info.update({s: statuses.count(s) for s in sweep.FINAL}, not_run=len(pts) - len(rows))
+    _write_atomic(out / "sweep_summary.json", json.dumps(info, indent=2))
+    print(f"sweep {out}: {info['completed']} completed, {info['diverged']} diverged, "
+          f"{info['not_run']} not run; {info['groups']} group(s) of one structure each")
+    if stop.requested():
+      print(f"resume with: divjax sweep --resume {out}", file=sys.stderr)
+      return 128 + int(stop.signum)
+    return EXIT_OK
+
+
+def yaml_load(path: Path):
+  import yaml
+  return yaml.safe_load(Path(path).read_text()) or {}
+
+
+def yaml_dump(obj) -> str:
+  import yaml
+  return yaml.safe_dump(obj, sort_keys=False)
+
+
 def main(argv=None) -> int:
   try:
     return _main(argv)
@@ -393,7 +492,25 @@ def _main(argv) -> int:
                  help="replace a non-empty output directory, if divjax created it (it holds .divjax-run) "
                       "and no run is using it; never the current directory or one containing it")
   p.add_argument("--quiet", action="store_true", help="no progress bar")
+  p.add_argument("--no-cache", action="store_true",
+                 help="do not use JAX's persistent compilation cache ($DIVJAX_COMPILATION_CACHE, default "
+                      "~/.cache/divjax/jax; 'off' there turns it off too)")
   p.set_defaults(func=cmd_run)
+
+  s = sub.add_parser("sweep", help="run a grid of configs, one compiled program per structure",
+                     description=SWEEP_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+  s.add_argument("config", nargs="?", help="YAML config file (defaults if omitted)")
+  s.add_argument("--grid", action="append", metavar="KEY=V1,V2,...",
+                 help="a swept key and its values (YAML each), or an integer range KEY=A..B (inclusive); "
+                      "repeat for more keys")
+  s.add_argument("--zip", action="store_true", help="pair the --grid values instead of taking their product")
+  s.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE", help="overrides for every point")
+  s.add_argument("--out", help="sweep directory (default runs/sweep_<config>_<grid keys>_<timestamp>)")
+  s.add_argument("--resume", metavar="DIR", help="continue the sweep in DIR: finished points are not run again")
+  s.add_argument("--force", action="store_true", help="replace a sweep directory divjax created")
+  s.add_argument("--quiet", action="store_true", help="no progress bar")
+  s.add_argument("--no-cache", action="store_true", help="do not use JAX's persistent compilation cache")
+  s.set_defaults(func=cmd_sweep)
   args = parser.parse_args(argv)
   return args.func(args)
 

@@ -118,6 +118,8 @@ class Params(NamedTuple):
   momentum: jax.Array       # () float32 (its presence, momentum > 0, is static)
   links: network_lib.Links  # per-node transmission times, latencies, compute periods, region caps
   data: Any                 # the task's TrainData
+  frag_layout: jax.Array    # (F, L) int32, the fragment partition (`data.seed`): coordinates of each
+  frag_position: jax.Array  # (P,) int32, fragment row; and each coordinate's place in the layout
 
 
 class Engine(NamedTuple):
@@ -152,14 +154,20 @@ def static_key(cfg: Config, depth: int) -> str:
       node = node[p]
     node.pop(last, None)
   d["momentum>0"] = cfg.momentum > 0
-  d["data"]["seed"] = cfg.data_seed
+  # the host draws (data.seed) reach the program as Params (data, fragment partition,
+  # stragglers), except a random regular graph, which an algorithm closes over
+  d["data"]["seed"] = cfg.data_seed if cfg.topology == "regular" else None
   d["ring_depth"] = depth
   return json.dumps(d, sort_keys=True)
 
 
-def make_params(cfg: Config, data, bits: np.ndarray, net: network_lib.Network) -> Params:
+def make_params(cfg: Config, data, bits: np.ndarray, net: network_lib.Network,
+                frags: Optional[fragments_lib.Fragments] = None) -> Params:
+  no_frags = frags is None  # the synchronous engine sends whole models
   return Params(key=jax.random.key(cfg.seed), lr=jnp.float32(cfg.lr), momentum=jnp.float32(cfg.momentum),
-                links=network_lib.links(net, bits), data=data)
+                links=network_lib.links(net, bits), data=data,
+                frag_layout=jnp.zeros((0, 0), jnp.int32) if no_frags else jnp.asarray(frags.layout),
+                frag_position=jnp.zeros((0,), jnp.int32) if no_frags else jnp.asarray(frags.position))
 
 
 def check_static(engine_static: str, cfg: Config, depth: int) -> None:
@@ -329,7 +337,8 @@ def due_copies(st: Static, s: State, p: Params, busy):
 
 def end_rounds(st: Static, s: State, p: Params, ends) -> State:
   """The round-end tick of a block: replies, aggregation, snapshots, new messages."""
-  t, frags, nodes = s.tick, st.frags, jnp.arange(st.n)
+  t, nodes = s.tick, jnp.arange(st.n)
+  frags = st.frags._replace(layout=p.frag_layout, position=p.frag_position)   # sizes are static
   x_own = fragments_lib.to_layout(s.nodes.params, frags)                                      # (N, F, L)
   # relative to the end of tick t (an idle queue: -block_us, where replies can still start)
   busy = tb.maximum(tb.sub_narrow(s.backlog_us, st.block_us), tb.wide(jnp.full((st.n,), -st.block_us)))
@@ -433,7 +442,8 @@ def make(cfg: Config, task, alg: AsyncAlgorithm, *, communicate: bool = True) ->
     net_p = network_lib.build(cfg_p)
     check_static(static, cfg_p, ring_depth(cfg_p, alg, net_p))
     check_horizon(cfg_p, d, net_p)
-    return make_params(cfg_p, data, alg.payload_bits(frags.sizes) + cfg_p.network.header_bits, net_p)
+    frags_p = fragments_lib.partition(task.tensor_sizes, alg.fragments, cfg_p.data_seed)
+    return make_params(cfg_p, data, alg.payload_bits(frags.sizes) + cfg_p.network.header_bits, net_p, frags_p)
 
   return Engine(
       init=lambda run_key: init_state(st, sgd, task.init_flat(sampling.stream(run_key, sampling.STREAM_INIT))),

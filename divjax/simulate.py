@@ -123,7 +123,8 @@ def run(cfg: Config, *, on_eval: Optional[Callable[[dict], None]] = None,
         resume: Optional[tuple] = None,
         on_checkpoint: Optional[Callable[[Any, list], None]] = None,
         should_stop: Optional[Callable[[], bool]] = None,
-        memory_info: Optional[dict] = None):
+        memory_info: Optional[dict] = None,
+        compiled: Optional[dict] = None):
   """Runs a whole simulation, or continues one; calls `on_eval(record)` after every evaluation.
 
   Args:
@@ -136,6 +137,7 @@ def run(cfg: Config, *, on_eval: Optional[Callable[[dict], None]] = None,
       status "interrupted" (Ctrl-C handling lives with the caller).
     memory_info: the result of divjax.memory.check if the caller already made it; otherwise
       the check is made here, before compiling (raises memory.TooLarge).
+    compiled: chunk length -> compiled chunk, shared between runs of one structure (sweeps).
 
   Returns:
     (summary dict, last state). summary["status"] is "completed", "interrupted" or
@@ -179,7 +181,9 @@ def run(cfg: Config, *, on_eval: Optional[Callable[[dict], None]] = None,
 
   compile_s, run_s = 0.0, 0.0
   chunk_speeds = []  # node-steps per wall second of each chunk: shows a host's slow stretches
-  compiled = {}
+  # chunk length -> compiled chunk; a sweep passes one dict to every point of a group: the
+  # program takes the point's Params as an argument, so it is compiled once for them all
+  compiled = {} if compiled is None else compiled
   t0_wall = time.perf_counter()
   status, divergence = "completed", None
   while tick < total:

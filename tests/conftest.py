@@ -1,6 +1,8 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# runs started by tests (subprocesses too) compile afresh: no state shared between tests
+os.environ.setdefault("DIVJAX_COMPILATION_CACHE", "off")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -12,7 +12,7 @@ BASE = ["ring_depth=4", "network.stragglers.fraction=0.34", "network.stragglers.
 # every kind of Params: run key, lr, momentum, link rates, latency, straggler choice and slowdown
 CHANGED = ["seed=5", "lr=0.2", "momentum=0.8", "network.upload_mbps=0.2", "network.download_mbps=3",
            "network.download_cap=true", "network.latency_ms=7", "network.stragglers.slowdown=5",
-           "network.stragglers.fraction=0.5", "network.header_bits=800"]
+           "network.stragglers.fraction=0.5", "network.header_bits=800", "data.seed=4"]
 
 
 @pytest.mark.parametrize("algorithm", ["algorithm=divshare", pytest.param("algorithm=adpsgd", marks=pytest.mark.slow),
@@ -20,7 +20,7 @@ CHANGED = ["seed=5", "lr=0.2", "momentum=0.8", "network.upload_mbps=0.2", "netwo
 def test_changing_only_params_does_not_compile_again(algorithm):
   cfg_a = tiny_config(*BASE, algorithm, "data.seed=0")
   cfg_b = tiny_config(*BASE, algorithm, "data.seed=0", *CHANGED)
-  sim = simulate.build(cfg_a)
+  sim, sim_b = simulate.build(cfg_a), simulate.build(cfg_b)
   traces = []
 
   def chunk(s, p):
@@ -28,13 +28,12 @@ def test_changing_only_params_does_not_compile_again(algorithm):
     return sim.engine.advance(s, p, 16)
 
   run = jax.jit(chunk)
-  params_b = sim.engine.params(cfg_b, sim.params.data)
+  params_b = sim.engine.params(cfg_b, sim_b.params.data)   # data.seed: cfg_b's own data and partitions
   state_a, _ = run(sim.engine.init(sim.params.key), sim.params)
   state_b, _ = run(sim.engine.init(params_b.key), params_b)
   assert len(traces) == 1
 
   # the shared program gives exactly what cfg_b's own build gives
-  sim_b = simulate.build(cfg_b)
   assert sim_b.engine.static == sim.engine.static
   own_b, _ = jax.jit(lambda s, p: sim_b.engine.advance(s, p, 16))(sim_b.engine.init(sim_b.run_key), sim_b.params)
   np.testing.assert_array_equal(np.asarray(state_b.params), np.asarray(own_b.params))
@@ -58,6 +57,12 @@ def test_data_seed_drives_host_draws_and_seed_the_run_key():
   assert a.engine.static == b.engine.static
   assert not np.array_equal(np.asarray(a.task.init_flat(a.run_key)), np.asarray(b.task.init_flat(b.run_key)))
   assert not np.array_equal(a.task.x_train, c.task.x_train)
+  assert not np.array_equal(np.asarray(a.params.frag_layout), np.asarray(c.params.frag_layout))
+  assert a.engine.static == c.engine.static   # the data and partitions are Params too
+  # ... except a random regular graph, which the algorithm closes over
+  reg = lambda s: simulate.build(tiny_config("algorithm=dpsgd", "topology=regular", "topology_degree=3",
+                                             f"data.seed={s}")).engine.static
+  assert reg(3) != reg(4)
   # and data.seed defaults to seed, so a config without it is what it always was
   d = simulate.build(tiny_config(*BASE, "seed=3"))
   np.testing.assert_array_equal(a.task.x_train, d.task.x_train)

@@ -1,0 +1,259 @@
+"""Sweeps: a grid of configs, one compiled program per static structure.
+
+    divjax sweep CONFIG --grid lr=0.01,0.02,0.05 --grid seed=0..3 [--zip] [--set ...] [--out DIR]
+
+Every point is a full config (CONFIG, then --set, then the point's values), validated before
+anything is compiled or written. Points are grouped by their static structure
+(engine.static_key: what fixes shapes and the program, e.g. n_nodes, fragments, recipients,
+the model, the algorithm); everything else (seed, lr, momentum, link speeds, latency,
+stragglers, data.seed) is a traced engine.Params, so all points of a group run one compiled
+program, one after the other: one compile per group and chunk length. Each point's outputs
+are those of `divjax run` with the same config (config.yaml, metrics.jsonl, summary.json,
+metrics.png, byte-identical metrics.jsonl), in DIR/points/<index>_<values>/; DIR gets
+sweep.csv, sweep.jsonl (one row per point) and sweep.png.
+
+A point that diverges is marked so and the others go on (they are separate runs of the same
+program: nothing is shared but the compiled code). `--resume DIR` skips the points that have
+a summary.json with a final status and re-runs the others from the start (a point is short;
+its results equal an uninterrupted sweep's since runs are deterministic).
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Optional
+
+import yaml
+
+from divjax import configure
+from divjax.config import Config, ConfigError
+
+RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+FINAL = ("completed", "diverged")
+
+
+class Point(NamedTuple):
+  index: int
+  values: dict          # swept key -> value
+  cfg: Config
+
+  @property
+  def name(self) -> str:
+    parts = [f"{k.split('.')[-1]}={v}" for k, v in self.values.items()]
+    return re.sub(r"[^A-Za-z0-9_.=,+-]", "_", f"{self.index:03d}_" + "_".join(parts))[:120]
+
+
+def parse_grid(grids: list[str], zip_: bool = False) -> list[dict]:
+  """['lr=0.1,0.2', 'seed=0..2'] -> the points' values, the product (or with zip_, pairs).
+
+  Raises ConfigError naming the key for an empty list, a bad range or unequal zip lengths.
+  """
+  axes = {}
+  for g in grids:
+    key, sep, rest = g.partition("=")
+    key = key.strip()
+    if not sep or not key:
+      raise ConfigError(f"--grid {g!r}: expected KEY=V1,V2,... or KEY=A..B")
+    if key in axes:
+      raise ConfigError(f"--grid {key}: given twice")
+    m = RANGE.match(rest.strip())
+    if m:
+      lo, hi = int(m.group(1)), int(m.group(2))
+      if hi < lo:
+        raise ConfigError(f"--grid {key}: empty range {rest.strip()}")
+      values = list(range(lo, hi + 1))
+    else:
+      items = [s.strip() for s in rest.split(",")] if rest.strip() else []
+      if not items or any(s == "" for s in items):
+        raise ConfigError(f"--grid {key}: expected a non-empty list of values (got {rest!r})")
+      values = [yaml.safe_load(s) for s in items]
+    axes[key] = values
+  if not axes:
+    raise ConfigError("--grid: at least one KEY=V1,V2,... is needed")
+  keys = list(axes)
+  if zip_:
+    lengths = {k: len(v) for k, v in axes.items()}
+    if len(set(lengths.values())) != 1:
+      raise ConfigError(f"--zip: every --grid needs as many values ({lengths})")
+    combos = zip(*axes.values())
+  else:
+    combos = itertools.product(*axes.values())
+  return [dict(zip(keys, c)) for c in combos]
+
+
+def points(config: Optional[str], overrides: list[str], grid: list[dict]) -> list[Point]:
+  """Every point's validated config; a bad one is a ConfigError naming the point and the key."""
+  out = []
+  for i, values in enumerate(grid):
+    sets = [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in values.items()]
+    try:
+      cfg = configure.load(config, list(overrides) + sets)
+    except ConfigError as e:
+      raise ConfigError(f"{e} (sweep point {i}: {', '.join(sets)})") from None
+    out.append(Point(i, values, cfg))
+  return out
+
+
+def structure(cfg: Config) -> str:
+  """The static structure of a point: points with equal keys share one compiled program."""
+  from divjax import algorithms, engine, network
+  alg = algorithms.make(cfg)
+  depth = 0 if algorithms.PROPERTIES[cfg.algorithm].synchronous else engine.ring_depth(cfg, alg, network.build(cfg))
+  return engine.static_key(cfg, depth)
+
+
+def _task_key(cfg: Config) -> str:
+  """What the task (data, partitions, test set, evaluation) depends on."""
+  return json.dumps([cfg.task, cfg.model, cfg.hidden, cfg.mf_dim, cfg.mf_offset, cfg.n_nodes,
+                     cfg.data_seed, cfg.eval_batch, cfg.data.model_dump(), cfg.devices], sort_keys=True)
+
+
+class Group:
+  """The shared parts of a group's points: engine, compiled chunks, tasks by data."""
+
+  def __init__(self, first: Config):
+    from divjax import simulate
+    self.sim = simulate.build(first)
+    self.tasks = {_task_key(first): (self.sim.task, self.sim.evaluate_nodes)}
+    self.compiled: dict = {}
+
+  def simulation(self, cfg: Config):
+    """The point's Simulation: the group's engine with the point's Params and task."""
+    import jax
+    from divjax import sharding, tasks
+    key = _task_key(cfg)
+    if key not in self.tasks:
+      task = tasks.build(cfg)
+      task = task._replace(test=sharding.gather(task.test, self.sim.mesh))
+      ev = jax.jit(sharding.over_nodes(task.eval_fn, self.sim.mesh, (True, False)))
+      self.tasks[key] = (task, ev)
+    task, ev = self.tasks[key]
+    params = self.sim.engine.params(cfg, sharding.gather(task.train_data, self.sim.mesh))
+    return self.sim._replace(cfg=cfg, task=task, run_key=params.key, params=params, evaluate_nodes=ev)
+
+
+def _write(path: Path, text: str) -> None:
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  tmp.replace(path)
+
+
+def _record_line(rec: dict) -> str:
+  return json.dumps(rec) + "\n"
+
+
+def run_point(point: Point, group: Group, out: Path, should_stop: Callable[[], bool] = lambda: False) -> dict:
+  """Runs one point into `out` as `divjax run` would; returns its summary."""
+  from divjax import config as config_lib, plots, simulate
+  out.mkdir(parents=True, exist_ok=True)
+  cfg = point.cfg
+  _write(out / "config.yaml", config_lib.dump_yaml(cfg))
+  sim = group.simulation(cfg)
+  records = []
+  with open(out / "metrics.jsonl", "w") as mf:
+    def on_eval(rec):
+      records.append(rec)
+      mf.write(_record_line(rec))
+      mf.flush()
+    summary, _ = simulate.run(cfg, sim=sim, on_eval=on_eval, compiled=group.compiled, should_stop=should_stop)
+  if summary["status"] in FINAL:  # an interrupted point has no summary: --resume runs it again
+    _write(out / "summary.json", json.dumps(summary, indent=2, default=str))
+  plots.plot_run(records, out / "metrics.png", title=f"{cfg.algorithm}, n={cfg.n_nodes}",
+                 kind=sim.task.kind, baseline=sim.task.baseline)
+  return summary
+
+
+ROW_KEYS = ("acc_mean", "acc_min", "loss_mean", "acc_avg_model", "consensus", "msgs_sent",
+            "msgs_delivered", "msgs_flushed", "msgs_expired", "staleness_s", "train_loss")
+
+
+def row(point: Point, summary: dict, group: int) -> dict:
+  final = summary.get("final", {})
+  r: dict[str, Any] = {"index": point.index, "point": point.name, "group": group}
+  r.update(point.values)
+  r.update(status=summary.get("status"), best_acc_mean=summary.get("best_acc_mean"),
+           time_to_target_s=summary.get("time_to_target_s"), wall_s=summary.get("wall_s"),
+           compile_s=summary.get("compile_s"))
+  r.update({f"final_{k}": final.get(k) for k in ROW_KEYS})
+  return r
+
+
+def write_tables(out: Path, rows: list[dict]) -> None:
+  rows = sorted(rows, key=lambda r: r["index"])
+  _write(out / "sweep.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+  keys = list(dict.fromkeys(k for r in rows for k in r))
+  tmp = out / "sweep.csv.tmp"
+  with open(tmp, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=keys)
+    w.writeheader()
+    w.writerows(rows)
+  tmp.replace(out / "sweep.csv")
+
+
+def plot(out: Path, rows: list[dict], swept: list[str], metric: str = "final_acc_mean") -> None:
+  """`metric` against each swept key: the mean over the other keys' values, min-max band."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+  fig, axes = plt.subplots(1, len(swept), figsize=(4 * len(swept), 3.2), squeeze=False)
+  for ax, key in zip(axes[0], swept):
+    values = sorted({r[key] for r in rows}, key=lambda v: (isinstance(v, str), v))
+    ys = [[r[metric] for r in rows if r[key] == v and r[metric] is not None] for v in values]
+    xs = np.arange(len(values)) if any(isinstance(v, str) for v in values) else np.asarray(values, float)
+    ok = [i for i, y in enumerate(ys) if y]
+    mean = [float(np.mean(ys[i])) for i in ok]
+    ax.plot(xs[ok], mean, "o-")
+    ax.fill_between(xs[ok], [min(ys[i]) for i in ok], [max(ys[i]) for i in ok], alpha=0.25)
+    ax.set_xlabel(key)
+    ax.set_ylabel(metric)
+    if isinstance(xs, np.ndarray) and any(isinstance(v, str) for v in values):
+      ax.set_xticks(xs, [str(v) for v in values])
+  fig.tight_layout()
+  fig.savefig(out / "sweep.png", dpi=110)
+  plt.close(fig)
+
+
+def run(pts: list[Point], out: Path, *, progress: bool = True,
+        should_stop: Callable[[], bool] = lambda: False) -> tuple[list[dict], dict]:
+  """Runs every point not finished yet; returns (rows, info: groups and timings)."""
+  groups: dict[str, int] = {}
+  for p in pts:
+    groups.setdefault(structure(p.cfg), len(groups))
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=len(pts), unit="point", dynamic_ncols=True)
+  rows, built, t0 = [], {}, time.perf_counter()
+  for p in pts:
+    d = out / "points" / p.name
+    done = _finished(d)
+    if done is None and not should_stop():
+      g = structure(p.cfg)
+      if g not in built:
+        built[g] = Group(p.cfg)
+      done = run_point(p, built[g], d, should_stop)
+    if done is not None:
+      rows.append(row(p, done, groups[structure(p.cfg)]))
+    if bar is not None:
+      bar.update(1)
+      bar.set_postfix_str(f"group {groups[structure(p.cfg)] + 1}/{len(groups)}, "
+                          f"{p.cfg.duration_s:g} sim-s per point")
+  if bar is not None:
+    bar.close()
+  info = {"points": len(pts), "groups": len(groups), "groups_built": len(built),
+          "wall_s": round(time.perf_counter() - t0, 3)}
+  return rows, info
+
+
+def _finished(d: Path) -> Optional[dict]:
+  try:
+    s = json.loads((d / "summary.json").read_text())
+  except (OSError, ValueError):
+    return None
+  return s if s.get("status") in FINAL else None
