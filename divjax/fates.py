@@ -94,6 +94,11 @@ def counts(fate, tick, retired, sent, now) -> dict:
   }
 
 
+COUNT_KEYS = ("msgs_sent", "msgs_delivered", "msgs_superseded", "msgs_flushed", "msgs_expired",
+              "msgs_in_flight")
+
+
 def to_host(counts: dict) -> dict:
-  """Device counts as host ints."""
-  return {k: int(v) for k, v in jax.device_get(counts).items()}
+  """Device counts as host ints, in COUNT_KEYS order (a dict out of jit comes back key-sorted)."""
+  host = jax.device_get(counts)
+  return {k: int(host[k]) for k in COUNT_KEYS}

@@ -1,0 +1,68 @@
+"""Wall time of one `divjax sweep` against the same points as separate `divjax run` invocations.
+
+    python3 benchmarks/sweep_speed.py [CONFIG] [--lr 0.01 0.02 0.05 0.1] [--seeds 2] [--set KEY=VALUE ...]
+
+Points: lr x seed. Measured side by side in one script, each variant in fresh processes (so
+imports and JAX start-up count, as for a user): the sweep, then the separate runs, both with
+the persistent compilation cache off, then both again with a fresh cache (the first process
+of each variant fills it). Prints a Markdown table and checks that every point's
+metrics.jsonl is the same in the sweep and in its separate run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def timed(cmd, env) -> float:
+  t0 = time.perf_counter()
+  subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  return time.perf_counter() - t0
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("config", nargs="?", default="configs/quickstart.yaml")
+  ap.add_argument("--lr", nargs="+", default=["0.01", "0.02", "0.05", "0.1"])
+  ap.add_argument("--seeds", type=int, default=2)
+  ap.add_argument("--set", nargs="*", default=[])
+  args = ap.parse_args()
+  py = [sys.executable, "-m", "divjax.cli"]
+  points = list(itertools.product(args.lr, range(args.seeds)))
+  results = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    tmp = Path(tmp)
+    for cache in ("off", "on"):
+      env = dict(os.environ, DIVJAX_COMPILATION_CACHE="off" if cache == "off" else str(tmp / "cache"))
+      shutil.rmtree(tmp / "cache", ignore_errors=True)
+      out = tmp / f"sweep_{cache}"
+      sweep_s = timed(py + ["sweep", args.config, "--set", *args.set, "--grid", f"lr={','.join(args.lr)}",
+                            "--grid", f"seed=0..{args.seeds - 1}", "--out", str(out), "--quiet"], env)
+      shutil.rmtree(tmp / "cache", ignore_errors=True)
+      runs_s = 0.0
+      for i, (lr, seed) in enumerate(points):
+        runs_s += timed(py + ["run", args.config, "--set", *args.set, f"lr={lr}", f"seed={seed}",
+                              "--out", str(tmp / f"run_{cache}_{i}"), "--quiet"], env)
+        point = next((out / "points").glob(f"{i:03d}_*"))
+        same = (point / "metrics.jsonl").read_bytes() == (tmp / f"run_{cache}_{i}" / "metrics.jsonl").read_bytes()
+        assert same, f"point {i} differs from its separate run"
+      results[cache] = (sweep_s, runs_s)
+  import jax
+  print(f"{len(points)} points (lr {args.lr} x {args.seeds} seeds) of {args.config} {' '.join(args.set)}; "
+        f"device {jax.devices()[0].device_kind}; every point's metrics.jsonl identical to its separate run")
+  print("| persistent cache | one sweep (s) | separate runs (s) | sweep / runs |")
+  print("|---|---|---|---|")
+  for cache, (s, r) in results.items():
+    print(f"| {cache} | {s:.1f} | {r:.1f} | {s / r:.2f} |")
+
+
+if __name__ == "__main__":
+  main()
