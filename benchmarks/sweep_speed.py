@@ -36,6 +36,7 @@ def main():
   ap.add_argument("--set", nargs="*", default=[])
   args = ap.parse_args()
   py = [sys.executable, "-m", "divjax.cli"]
+  sets = ["--set", *args.set] if args.set else []
   points = list(itertools.product(args.lr, range(args.seeds)))
   results = {}
   with tempfile.TemporaryDirectory() as tmp:
@@ -44,7 +45,7 @@ def main():
       env = dict(os.environ, DIVJAX_COMPILATION_CACHE="off" if cache == "off" else str(tmp / "cache"))
       shutil.rmtree(tmp / "cache", ignore_errors=True)
       out = tmp / f"sweep_{cache}"
-      sweep_s = timed(py + ["sweep", args.config, "--set", *args.set, "--grid", f"lr={','.join(args.lr)}",
+      sweep_s = timed(py + ["sweep", args.config, *sets, "--grid", f"lr={','.join(args.lr)}",
                             "--grid", f"seed=0..{args.seeds - 1}", "--out", str(out), "--quiet"], env)
       shutil.rmtree(tmp / "cache", ignore_errors=True)
       runs_s = 0.0

@@ -148,34 +148,3 @@ def _tensor_sizes(name: str, input_shape: tuple, hidden: tuple, n_classes: int) 
   except Exception:  # e.g. gn_lenet on flat inputs: the task builder reports it
     return None
   return tuple(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
-
-
-def _check_algorithm(cfg: Config) -> None:
-  from divjax import algorithms  # late import: algorithms import config
-  if cfg.algorithm not in algorithms.REGISTRY:
-    raise ConfigError(
-        f"algorithm: unknown {cfg.algorithm!r} (registered: {', '.join(sorted(algorithms.REGISTRY))})")
-  if cfg.algorithm in algorithms.NEEDS_TOPOLOGY:
-    from divjax import topology  # a missing or disconnected graph is bad input, found before compiling
-    if cfg.algorithm in algorithms.FIXED_TOPOLOGY and cfg.topology not in topology.FIXED:
-      raise ConfigError(f"topology: algorithm {cfg.algorithm!r} needs a fixed graph, one of "
-                        f"{', '.join(topology.FIXED)} (got {cfg.topology!r})")
-    if cfg.algorithm == "adpsgd_pairwise" and cfg.topology == "complete":
-      return  # picks any other node without building the graph
-    if cfg.topology in topology.FIXED:
-      n = cfg.n_nodes
-      n_edges = {"complete": n * (n - 1), "edges": 2 * len(cfg.topology_edges or [])}.get(
-          cfg.topology, 2 * n * max(2, cfg.topology_degree))
-      if n_edges > MAX_GRAPH_EDGES:
-        raise ConfigError(f"topology: a {cfg.topology} graph on n_nodes = {n} has about {n_edges:.3g} "
-                          f"edges, more than {MAX_GRAPH_EDGES} (choose a sparser topology, e.g. ring, "
-                          f"torus or regular with a small topology_degree)")
-      try:
-        edges = topology.fixed(cfg.topology, cfg.n_nodes, degree=cfg.topology_degree, seed=cfg.data_seed,
-                               edge_list=cfg.topology_edges)
-        if cfg.algorithm == "swift_original":
-          topology.neighbour_lists(edges, cfg.n_nodes, cfg.topology)
-      except topology.TopologyError as e:
-        raise ConfigError(f"{e} (algorithm {cfg.algorithm!r} needs a connected graph)") from None
-
-
