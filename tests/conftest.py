@@ -1,14 +1,23 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# runs started by tests (subprocesses too) compile afresh: no state shared between tests
-os.environ.setdefault("DIVJAX_COMPILATION_CACHE", "off")
+# One persistent compilation cache for this test session (a fresh, empty directory, subprocess
+# runs included): many tests compile the same tiny programs, which then compile once.
+_CACHE = tempfile.mkdtemp(prefix="divjax-test-jax-cache-")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ.setdefault("DIVJAX_COMPILATION_CACHE", _CACHE)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 # 4 CPU devices for the sharded-run tests (DESIGN.md 7); everything else uses the first one
 jax.config.update("jax_num_cpu_devices", 4)
+if os.environ["DIVJAX_COMPILATION_CACHE"] != "off":
+  jax.config.update("jax_compilation_cache_dir", os.environ["DIVJAX_COMPILATION_CACHE"])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 from divjax import config, configure  # noqa: E402
 
