@@ -208,11 +208,15 @@ def plot(out: Path, rows: list[dict], swept: list[str], metric: str = "final_acc
     xs = np.arange(len(values)) if any(isinstance(v, str) for v in values) else np.asarray(values, float)
     ok = [i for i, y in enumerate(ys) if y]
     mean = [float(np.mean(ys[i])) for i in ok]
-    ax.plot(xs[ok], mean, "o-")
-    ax.fill_between(xs[ok], [min(ys[i]) for i in ok], [max(ys[i]) for i in ok], alpha=0.25)
+    lo, hi = [min(ys[i]) for i in ok], [max(ys[i]) for i in ok]
+    if key.split(".")[-1] == "seed":  # seeds are labels, not a quantity: no line between them
+      ax.errorbar(xs[ok], mean, yerr=[np.subtract(mean, lo), np.subtract(hi, mean)], fmt="o", capsize=4)
+    else:
+      ax.plot(xs[ok], mean, "o-")
+      ax.fill_between(xs[ok], lo, hi, alpha=0.25)
     ax.set_xlabel(key)
     ax.set_ylabel(metric)
-    if isinstance(xs, np.ndarray) and any(isinstance(v, str) for v in values):
+    if any(isinstance(v, str) for v in values) or key.split(".")[-1] == "seed":
       ax.set_xticks(xs, [str(v) for v in values])
   fig.tight_layout()
   fig.savefig(out / "sweep.png", dpi=110)
