@@ -1,12 +1,16 @@
 """Wall time of one `divjax sweep` against the same points as separate `divjax run` invocations.
 
     python3 benchmarks/sweep_speed.py [CONFIG] [--lr 0.01 0.02 0.05 0.1] [--seeds 2] [--set KEY=VALUE ...]
+    python3 benchmarks/sweep_speed.py [CONFIG] --scaling 1 4 16 [--set ...]
 
 Points: lr x seed. Measured side by side in one script, each variant in fresh processes (so
 imports and JAX start-up count, as for a user): the sweep, then the separate runs, both with
 the persistent compilation cache off, then both again with a fresh cache (the first process
 of each variant fills it). Prints a Markdown table and checks that every point's
 metrics.jsonl is the same in the sweep and in its separate run.
+
+--scaling S1 S2 ...: wall time of one sweep of S points (seed = 0..S-1, cache off) for each S,
+and the time per point.
 """
 
 from __future__ import annotations
@@ -34,7 +38,10 @@ def main():
   ap.add_argument("--lr", nargs="+", default=["0.01", "0.02", "0.05", "0.1"])
   ap.add_argument("--seeds", type=int, default=2)
   ap.add_argument("--set", nargs="*", default=[])
+  ap.add_argument("--scaling", type=int, nargs="+")
   args = ap.parse_args()
+  if args.scaling:
+    return scaling(args)
   py = [sys.executable, "-m", "divjax.cli"]
   sets = ["--set", *args.set] if args.set else []
   points = list(itertools.product(args.lr, range(args.seeds)))
@@ -63,6 +70,21 @@ def main():
   print("|---|---|---|---|")
   for cache, (s, r) in results.items():
     print(f"| {cache} | {s:.1f} | {r:.1f} | {s / r:.2f} |")
+
+
+def scaling(args):
+  import json
+  py = [sys.executable, "-m", "divjax.cli", "sweep", args.config] + (["--set", *args.set] if args.set else [])
+  env = dict(os.environ, DIVJAX_COMPILATION_CACHE="off")
+  print(f"sweeps of S points (seed = 0..S-1) of {args.config} {' '.join(args.set)}, cache off")
+  print("| S | sweep wall (s) | first point's compile (s) | wall per point (s) |")
+  print("|---|---|---|---|")
+  with tempfile.TemporaryDirectory() as tmp:
+    for s in args.scaling:
+      out = Path(tmp) / f"s{s}"
+      wall = timed(py + ["--grid", f"seed=0..{s - 1}", "--out", str(out), "--quiet"], env)
+      rows = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]
+      print(f"| {s} | {wall:.1f} | {rows[0]['compile_s']:.1f} | {wall / s:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
