@@ -180,6 +180,7 @@ def run(cfg: Config, *, on_eval: Optional[Callable[[dict], None]] = None,
                unit="sim-s", dynamic_ncols=True)
 
   compile_s, run_s = 0.0, 0.0
+  cache = {"dir": _cache_dir(), "hits": 0, "misses": 0}  # JAX's persistent compilation cache
   chunk_speeds = []  # node-steps per wall second of each chunk: shows a host's slow stretches
   # chunk length -> compiled chunk; a sweep passes one dict to every point of a group: the
   # program takes the point's Params as an argument, so it is compiled once for them all
@@ -191,9 +192,11 @@ def run(cfg: Config, *, on_eval: Optional[Callable[[dict], None]] = None,
     # back onto the same evaluation ticks as an uninterrupted run
     length = min(every - tick % every, total - tick)
     if length not in compiled:
-      c0 = time.perf_counter()
+      c0, entries = time.perf_counter(), _cache_entries(cache["dir"])
       compiled[length] = compile_chunk(sim, state, length)
       compile_s += time.perf_counter() - c0
+      if cache["dir"] is not None:  # a compile that wrote no new entry was read from the cache
+        cache["misses" if _cache_entries(cache["dir"]) > entries else "hits"] += 1
     c1 = time.perf_counter()
     state, metrics = compiled[length](state, sim.params)
     jax.block_until_ready(state.params)
@@ -231,6 +234,7 @@ def run(cfg: Config, *, on_eval: Optional[Callable[[dict], None]] = None,
       "memory": memory_info,
       "wall_s": time.perf_counter() - t0_wall,
       "compile_s": compile_s,
+      "compile_cache": cache,
       "node_steps_per_s": steps / run_s if run_s > 0 else None,
       "chunk_node_steps_per_s": chunk_speeds,
       "device": jax.devices()[0].device_kind,
@@ -258,6 +262,18 @@ def compile_chunk(sim: Simulation, state, length: int):
 def place(sim: Simulation, state):
   """A state on the simulation's devices, split along its node axes."""
   return sharding.place(state, sim.mesh, sim.engine.node_axes(state))
+
+
+def _cache_dir() -> Optional[str]:
+  return jax.config.jax_compilation_cache_dir or None
+
+
+def _cache_entries(where: Optional[str]) -> int:
+  import os
+  try:
+    return len(os.listdir(where)) if where else 0
+  except OSError:
+    return 0
 
 
 def time_to_target(records: list[dict], target: Optional[float], key: str = "acc_mean") -> Optional[float]:

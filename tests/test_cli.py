@@ -65,3 +65,16 @@ def test_the_figure_shows_rmse_and_its_bar_for_a_regression_task():
   assert ax_acc.get_ylabel() == "test accuracy" and ax_loss.get_yscale() == "log"
   assert len(ax_loss.get_lines()) == 1
   plots.plt.close(fig)
+
+
+def test_a_second_run_of_one_structure_reads_the_persistent_compilation_cache(tmp_path):
+  """summary.json says whether each compile was read from the cache (the tests' session cache)."""
+  from conftest import TINY
+  over = [o for o in TINY if not o.startswith("hidden=")] + ["hidden=[5]", "n_nodes=7", "duration_s=0.16"]
+  summaries = []
+  for name in ("a", "b"):
+    assert cli.main(["run", "--set", *over, "--out", str(tmp_path / name), "--quiet"]) == 0
+    summaries.append(json.loads((tmp_path / name / "summary.json").read_text()))
+  first, second = (s["compile_cache"] for s in summaries)
+  assert first["dir"] and first["hits"] + first["misses"] >= 1
+  assert second["hits"] >= 1 and second["misses"] == 0
