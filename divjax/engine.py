@@ -176,7 +176,8 @@ def check_static(engine_static: str, cfg: Config, depth: int) -> None:
   diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
   if diff:
     raise ValueError(f"{', '.join(diff)}: differ from the compiled program's; only "
-                     f"{', '.join(PARAM_KEYS)} may change without building a new engine")
+                     f"{', '.join(PARAM_KEYS)} and data.seed (unless topology is regular) may "
+                     f"change without building a new engine")
 
 
 def ring_depth(cfg: Config, alg: AsyncAlgorithm, net: network_lib.Network) -> int:
