@@ -226,28 +226,27 @@ def plot(out: Path, rows: list[dict], swept: list[str], metric: str = "final_acc
 def run(pts: list[Point], out: Path, *, progress: bool = True,
         should_stop: Callable[[], bool] = lambda: False) -> tuple[list[dict], dict]:
   """Runs every point not finished yet; returns (rows, info: groups and timings)."""
+  keys = [structure(p.cfg) for p in pts]   # builds each point's algorithm once (graphs can be big)
   groups: dict[str, int] = {}
-  for p in pts:
-    groups.setdefault(structure(p.cfg), len(groups))
+  for k in keys:
+    groups.setdefault(k, len(groups))
   bar = None
   if progress:
     from tqdm.auto import tqdm
     bar = tqdm(total=len(pts), unit="point", dynamic_ncols=True)
   rows, built, t0 = [], {}, time.perf_counter()
-  for p in pts:
+  for p, g in zip(pts, keys):
     d = out / "points" / p.name
     done = _finished(d)
     if done is None and not should_stop():
-      g = structure(p.cfg)
       if g not in built:
         built[g] = Group(p.cfg)
       done = run_point(p, built[g], d, should_stop)
     if done is not None:
-      rows.append(row(p, done, groups[structure(p.cfg)]))
+      rows.append(row(p, done, groups[g]))
     if bar is not None:
       bar.update(1)
-      bar.set_postfix_str(f"group {groups[structure(p.cfg)] + 1}/{len(groups)}, "
-                          f"{p.cfg.duration_s:g} sim-s per point")
+      bar.set_postfix_str(f"group {groups[g] + 1}/{len(groups)}, {p.cfg.duration_s:g} sim-s per point")
   if bar is not None:
     bar.close()
   info = {"points": len(pts), "groups": len(groups), "groups_built": len(built),
