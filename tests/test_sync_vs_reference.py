@@ -69,3 +69,19 @@ def test_el_oracle_every_node_sends_and_receives_exactly_j(n, j):
   if j < n - 1:  # (j = n - 1 is the complete digraph, every round)
     assert len(graphs) == 5                                                 # fresh every round
     assert np.concatenate(in_local).std() > 0                              # EL-Local's in-degrees vary
+
+
+def test_el_oracle_sends_to_every_peer_equally_often():
+  """Each ordered pair (i, j), i != j, is an edge in a J / (n - 1) share of the rounds (the
+  sampled graph is a relabelled circulant, not uniform over J-regular digraphs; this is the
+  property that holds)."""
+  import jax
+  n, j, rounds = 5, 2, 2000
+  mixing = jax.jit(algorithms.make(tiny_config("algorithm=el_oracle", f"n_nodes={n}", f"recipients={j}")).mixing)
+  key, hits = jax.random.key(0), np.zeros((n, n))
+  for r in range(rounds):
+    src, dst = (np.asarray(a) for a in mixing(key, r)[:2])
+    np.add.at(hits, (src, dst), 1)
+  share = hits[~np.eye(n, dtype=bool)] / rounds
+  np.testing.assert_allclose(share, j / (n - 1), rtol=0.1)
+  assert hits[np.eye(n, dtype=bool)].sum() == 0
