@@ -104,7 +104,7 @@ def checkpoint_every_ticks(cfg: Config) -> int:
 _nonfinite_rows = jax.jit(lambda p: ~jnp.all(jnp.isfinite(p), axis=tuple(range(1, p.ndim))))
 
 
-def _divergence(sim: Simulation, state, train_loss: np.ndarray) -> Optional[dict]:
+def find_divergence(sim: Simulation, state, train_loss: np.ndarray) -> Optional[dict]:
   """None if every parameter and training loss is finite; else where and what diverged."""
   bad_params = np.flatnonzero(jax.device_get(_nonfinite_rows(state.params)))
   bad_loss = not np.all(np.isfinite(train_loss))
@@ -180,7 +180,7 @@ def run(cfg: Config, *, on_eval: Optional[Callable[[dict], None]] = None,
                unit="sim-s", dynamic_ncols=True)
 
   compile_s, run_s = 0.0, 0.0
-  cache = {"dir": _cache_dir(), "hits": 0, "misses": 0}  # JAX's persistent compilation cache
+  cache = new_cache_stats()
   chunk_speeds = []  # node-steps per wall second of each chunk: shows a host's slow stretches
   # chunk length -> compiled chunk; a sweep passes one dict to every point of a group: the
   # program takes the point's Params as an argument, so it is compiled once for them all
@@ -192,11 +192,8 @@ def run(cfg: Config, *, on_eval: Optional[Callable[[dict], None]] = None,
     # back onto the same evaluation ticks as an uninterrupted run
     length = min(every - tick % every, total - tick)
     if length not in compiled:
-      c0, entries = time.perf_counter(), _cache_entries(cache["dir"])
-      compiled[length] = compile_chunk(sim, state, length)
-      compile_s += time.perf_counter() - c0
-      if cache["dir"] is not None:  # a compile that wrote no new entry was read from the cache
-        cache["misses" if _cache_entries(cache["dir"]) > entries else "hits"] += 1
+      compiled[length], seconds = compile_counted(lambda: compile_chunk(sim, state, length), cache)
+      compile_s += seconds
     c1 = time.perf_counter()
     state, metrics = compiled[length](state, sim.params)
     jax.block_until_ready(state.params)
@@ -207,7 +204,7 @@ def run(cfg: Config, *, on_eval: Optional[Callable[[dict], None]] = None,
     steps_done = steps_now
     tick += length
     train_loss = np.asarray(jax.device_get(metrics["train_loss"]))
-    divergence = _divergence(sim, state, train_loss)
+    divergence = find_divergence(sim, state, train_loss)
     if divergence is not None:
       status = "diverged"
       break
@@ -227,16 +224,25 @@ def run(cfg: Config, *, on_eval: Optional[Callable[[dict], None]] = None,
     bar.close()
 
   steps = steps_done - steps0
-  summary = summarize(cfg, records, extra={
+  summary = run_summary(sim, records, status, divergence, memory_info=memory_info,
+                        wall_s=time.perf_counter() - t0_wall, compile_s=compile_s, cache=cache,
+                        node_steps_per_s=steps / run_s if run_s > 0 else None,
+                        chunk_node_steps_per_s=chunk_speeds)
+  return summary, state
+
+
+def run_summary(sim: Simulation, records: list[dict], status: str, divergence: Optional[dict], *,
+                memory_info: dict, wall_s: float, compile_s: float, cache: dict, **speeds) -> dict:
+  """summary.json of a run: final and best metrics, sizes, timings, status."""
+  summary = summarize(sim.cfg, records, extra={
       "n_params": sim.task.n_params,
       "ring_depth": sim.engine.depth,
       "ring_bytes": sim.engine.ring_bytes,
       "memory": memory_info,
-      "wall_s": time.perf_counter() - t0_wall,
+      "wall_s": wall_s,
       "compile_s": compile_s,
       "compile_cache": cache,
-      "node_steps_per_s": steps / run_s if run_s > 0 else None,
-      "chunk_node_steps_per_s": chunk_speeds,
+      **speeds,
       "device": jax.devices()[0].device_kind,
       "devices": sim.mesh.size if sim.mesh is not None else 1,  # `devices: auto` resolved
   })
@@ -245,7 +251,21 @@ def run(cfg: Config, *, on_eval: Optional[Callable[[dict], None]] = None,
   summary["status"] = status
   if divergence is not None:
     summary["divergence"] = divergence
-  return summary, state
+  return summary
+
+
+def new_cache_stats() -> dict:
+  """Counts of compiles read from / written to JAX's persistent cache (summary.json)."""
+  return {"dir": _cache_dir(), "hits": 0, "misses": 0}
+
+
+def compile_counted(compile_fn: Callable, cache: dict):
+  """(compile_fn(), seconds), counting in `cache` whether the persistent cache had it."""
+  c0, entries = time.perf_counter(), _cache_entries(cache["dir"])
+  out = compile_fn()
+  if cache["dir"] is not None:  # a compile that wrote no new entry was read from the cache
+    cache["misses" if _cache_entries(cache["dir"]) > entries else "hits"] += 1
+  return out, time.perf_counter() - c0
 
 
 def compile_chunk(sim: Simulation, state, length: int):

@@ -120,7 +120,8 @@ class Group:
     from divjax import simulate
     self.sim = simulate.build(first)
     self.tasks = {_task_key(first): (self.sim.task, self.sim.evaluate_nodes)}
-    self.compiled: dict = {}
+    self.compiled: dict = {}          # chunk length -> compiled chunk of one point
+    self.batch_compiled: dict = {}    # batch size -> {chunk length -> compiled vmapped chunk}
 
   def simulation(self, cfg: Config):
     """The point's Simulation: the group's engine with the point's Params and task."""
@@ -147,25 +148,72 @@ def _record_line(rec: dict) -> str:
   return json.dumps(rec) + "\n"
 
 
+class PointOutput:
+  """A point's directory as `divjax run` writes it: config.yaml, then metrics.jsonl record by
+  record, then summary.json (only with a final status: --resume runs the others again) and
+  metrics.png."""
+
+  def __init__(self, point: Point, out: Path):
+    from divjax import config as config_lib
+    out.mkdir(parents=True, exist_ok=True)
+    _write(out / "config.yaml", config_lib.dump_yaml(point.cfg))
+    self.cfg, self.out, self.records = point.cfg, out, []
+    self.file = open(out / "metrics.jsonl", "w")
+
+  def on_eval(self, rec: dict) -> None:
+    self.records.append(rec)
+    self.file.write(_record_line(rec))
+    self.file.flush()
+
+  def finish(self, summary: dict, task) -> dict:
+    from divjax import plots
+    self.file.close()
+    if summary["status"] in FINAL:
+      _write(self.out / "summary.json", json.dumps(summary, indent=2, default=str))
+    plots.plot_run(self.records, self.out / "metrics.png", title=f"{self.cfg.algorithm}, n={self.cfg.n_nodes}",
+                   kind=task.kind, baseline=task.baseline)
+    return summary
+
+
 def run_point(point: Point, group: Group, out: Path, should_stop: Callable[[], bool] = lambda: False) -> dict:
   """Runs one point into `out` as `divjax run` would; returns its summary."""
-  from divjax import config as config_lib, plots, simulate
-  out.mkdir(parents=True, exist_ok=True)
-  cfg = point.cfg
-  _write(out / "config.yaml", config_lib.dump_yaml(cfg))
-  sim = group.simulation(cfg)
-  records = []
-  with open(out / "metrics.jsonl", "w") as mf:
-    def on_eval(rec):
-      records.append(rec)
-      mf.write(_record_line(rec))
-      mf.flush()
-    summary, _ = simulate.run(cfg, sim=sim, on_eval=on_eval, compiled=group.compiled, should_stop=should_stop)
-  if summary["status"] in FINAL:  # an interrupted point has no summary: --resume runs it again
-    _write(out / "summary.json", json.dumps(summary, indent=2, default=str))
-  plots.plot_run(records, out / "metrics.png", title=f"{cfg.algorithm}, n={cfg.n_nodes}",
-                 kind=sim.task.kind, baseline=sim.task.baseline)
-  return summary
+  from divjax import simulate
+  sim = group.simulation(point.cfg)
+  po = PointOutput(point, out)
+  try:
+    summary, _ = simulate.run(point.cfg, sim=sim, on_eval=po.on_eval, compiled=group.compiled,
+                              should_stop=should_stop)
+  finally:
+    po.file.close()
+  return po.finish(summary, sim.task)
+
+
+def run_batch(batch: list[Point], group: Group, out: Path, should_stop: Callable[[], bool]) -> list[dict]:
+  """Runs points of one group as one vmapped program (divjax.batched); returns their summaries."""
+  from divjax import batched, memory
+  sims = [group.simulation(p.cfg) for p in batch]
+  outs = [PointOutput(p, out / "points" / p.name) for p in batch]
+  try:
+    summaries = batched.run(sims, on_evals=[o.on_eval for o in outs],
+                            memory_infos=[memory.check(s) for s in sims], should_stop=should_stop,
+                            compiled=group.batch_compiled.setdefault(len(batch), {}))
+  finally:
+    for o in outs:
+      o.file.close()
+  return [o.finish(s, sim.task) for o, s, sim in zip(outs, summaries, sims)]
+
+
+def batch_size(batch: Optional[int], group: Group, n_points: int) -> int:
+  """Points per vmapped batch for a group: `batch` (None: auto, i.e. one at a time on a CPU,
+  where sequential points measured faster, and as many as memory allows elsewhere); always 1
+  when the nodes are split over several devices."""
+  import jax
+  from divjax import batched, memory
+  if group.sim.mesh is not None or batch == 1 or n_points == 1:
+    return 1
+  if batch is None and jax.devices()[0].platform == "cpu":
+    return 1
+  return batched.size(batch, n_points, memory.check(group.sim), batched.shared_bytes(group.sim))
 
 
 ROW_KEYS = ("acc_mean", "acc_min", "loss_mean", "acc_avg_model", "consensus", "msgs_sent",
@@ -178,7 +226,7 @@ def row(point: Point, summary: dict, group: int) -> dict:
   r.update(point.values)
   r.update(status=summary.get("status"), best_acc_mean=summary.get("best_acc_mean"),
            time_to_target_s=summary.get("time_to_target_s"), wall_s=summary.get("wall_s"),
-           compile_s=summary.get("compile_s"))
+           compile_s=summary.get("compile_s"), batch=summary.get("batch", {}).get("size", 1))
   r.update({f"final_{k}": final.get(k) for k in ROW_KEYS})
   return r
 
@@ -224,33 +272,55 @@ def plot(out: Path, rows: list[dict], swept: list[str], metric: str = "final_acc
 
 
 def run(pts: list[Point], out: Path, *, progress: bool = True,
-        should_stop: Callable[[], bool] = lambda: False) -> tuple[list[dict], dict]:
-  """Runs every point not finished yet; returns (rows, info: groups and timings)."""
+        should_stop: Callable[[], bool] = lambda: False,
+        batch: Optional[int] = 1) -> tuple[list[dict], dict]:
+  """Runs every point not finished yet; returns (rows, info: groups, batches and timings).
+
+  batch: points per vmapped program (1: one after the other; None: automatic, see batch_size).
+  Points are batched with others of their group and schedule (duration, evaluation interval).
+  """
   keys = [structure(p.cfg) for p in pts]   # builds each point's algorithm once (graphs can be big)
   groups: dict[str, int] = {}
   for k in keys:
     groups.setdefault(k, len(groups))
+  summaries = {p.index: _finished(out / "points" / p.name) for p in pts}
+  pending: dict[tuple, list[Point]] = {}
+  for p, g in zip(pts, keys):
+    if summaries[p.index] is None:
+      pending.setdefault((g, p.cfg.n_ticks, p.cfg.eval_every_ticks), []).append(p)
   bar = None
   if progress:
     from tqdm.auto import tqdm
-    bar = tqdm(total=len(pts), unit="point", dynamic_ncols=True)
-  rows, built, t0 = [], {}, time.perf_counter()
-  for p, g in zip(pts, keys):
-    d = out / "points" / p.name
-    done = _finished(d)
-    if done is None and not should_stop():
-      if g not in built:
-        built[g] = Group(p.cfg)
-      done = run_point(p, built[g], d, should_stop)
-    if done is not None:
-      rows.append(row(p, done, groups[g]))
-    if bar is not None:
-      bar.update(1)
-      bar.set_postfix_str(f"group {groups[g] + 1}/{len(groups)}, {p.cfg.duration_s:g} sim-s per point")
+    bar = tqdm(total=len(pts), initial=len(pts) - sum(map(len, pending.values())), unit="point",
+               dynamic_ncols=True)
+  built, sizes, t0 = {}, [], time.perf_counter()
+  for (g, *_), todo in pending.items():
+    if should_stop():
+      break
+    if g not in built:
+      built[g] = Group(todo[0].cfg)
+    b = batch_size(batch, built[g], len(todo))
+    for start in range(0, len(todo), b):
+      if should_stop():
+        break
+      chunk = todo[start:start + b]
+      if bar is not None:
+        bar.set_postfix_str(f"group {groups[g] + 1}/{len(groups)}, {len(chunk)} point(s) at once, "
+                            f"{chunk[0].cfg.duration_s:g} sim-s each")
+      if len(chunk) == 1:
+        done = [run_point(chunk[0], built[g], out / "points" / chunk[0].name, should_stop)]
+      else:
+        done = run_batch(chunk, built[g], out, should_stop)
+      sizes.append(len(chunk))
+      for p, s in zip(chunk, done):
+        summaries[p.index] = s if s.get("status") in FINAL else None
+      if bar is not None:
+        bar.update(len(chunk))
   if bar is not None:
     bar.close()
+  rows = [row(p, summaries[p.index], groups[g]) for p, g in zip(pts, keys) if summaries[p.index] is not None]
   info = {"points": len(pts), "groups": len(groups), "groups_built": len(built),
-          "wall_s": round(time.perf_counter() - t0, 3)}
+          "batches": sizes, "wall_s": round(time.perf_counter() - t0, 3)}
   return rows, info
 
 
