@@ -11,6 +11,10 @@ metrics.jsonl is the same in the sweep and in its separate run.
 
 --scaling S1 S2 ...: wall time of one sweep of S points (seed = 0..S-1, cache off) for each S,
 and the time per point.
+
+--vmap S [--repeats 2]: one sweep of S points (seed = 0..S-1) with --batch 1 (one after the
+other) against --batch S (one vmapped program), alternated, cache off: wall and CPU time
+(user + system of the process), and how far the vmapped points' metrics are from the others.
 """
 
 from __future__ import annotations
@@ -39,9 +43,13 @@ def main():
   ap.add_argument("--seeds", type=int, default=2)
   ap.add_argument("--set", nargs="*", default=[])
   ap.add_argument("--scaling", type=int, nargs="+")
+  ap.add_argument("--vmap", type=int)
+  ap.add_argument("--repeats", type=int, default=2)
   args = ap.parse_args()
   if args.scaling:
     return scaling(args)
+  if args.vmap:
+    return vmapped(args)
   py = [sys.executable, "-m", "divjax.cli"]
   sets = ["--set", *args.set] if args.set else []
   points = list(itertools.product(args.lr, range(args.seeds)))
@@ -85,6 +93,50 @@ def scaling(args):
       wall = timed(py + ["--grid", f"seed=0..{s - 1}", "--out", str(out), "--quiet"], env)
       rows = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]
       print(f"| {s} | {wall:.1f} | {rows[0]['compile_s']:.1f} | {wall / s:.1f} |", flush=True)
+
+
+def cpu_timed(cmd, env) -> tuple[float, float]:
+  """(wall, CPU seconds: user + system of the child process)."""
+  import resource
+  before = resource.getrusage(resource.RUSAGE_CHILDREN)
+  wall = timed(cmd, env)
+  after = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def vmapped(args):
+  import json
+  py = [sys.executable, "-m", "divjax.cli", "sweep", args.config] + (["--set", *args.set] if args.set else [])
+  env = dict(os.environ, DIVJAX_COMPILATION_CACHE="off")
+  s = args.vmap
+  times = {1: [], s: []}
+  with tempfile.TemporaryDirectory() as tmp:
+    for r in range(args.repeats):
+      for b in (1, s):
+        out = Path(tmp) / f"b{b}_{r}"
+        times[b].append(cpu_timed(py + ["--grid", f"seed=0..{s - 1}", "--out", str(out), "--quiet",
+                                        "--batch", str(b)], env))
+    worst, identical = 0.0, 0
+    for point in sorted((Path(tmp) / "b1_0" / "points").iterdir()):
+      a = [json.loads(l) for l in (point / "metrics.jsonl").read_text().splitlines()]
+      v = [json.loads(l) for l in (Path(tmp) / f"b{s}_0" / "points" / point.name / "metrics.jsonl").read_text().splitlines()]
+      identical += a == v
+      for x, y in zip(a, v):
+        for k in x:
+          if isinstance(x[k], float):
+            worst = max(worst, abs(x[k] - y[k]) / max(abs(x[k]), 1e-6))
+          else:
+            assert x[k] == y[k], (point.name, k)
+  import jax
+  print(f"{s} points (seed = 0..{s - 1}) of {args.config} {' '.join(args.set)}; device "
+        f"{jax.devices()[0].device_kind}; alternated x{args.repeats}, cache off; every count equal, "
+        f"{identical}/{s} metrics.jsonl byte-identical, largest relative float difference {worst:.1e}")
+  print("| batch | wall (s), each repeat | CPU (s), each repeat | CPU / batch 1 |")
+  print("|---|---|---|---|")
+  base = sum(c for _, c in times[1])
+  for b, ts in times.items():
+    print(f"| {b} | {', '.join(f'{w:.1f}' for w, _ in ts)} | {', '.join(f'{c:.1f}' for _, c in ts)} | "
+          f"{sum(c for _, c in ts) / base:.2f} |")
 
 
 if __name__ == "__main__":

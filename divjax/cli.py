@@ -465,6 +465,44 @@ def cmd_sweep(args) -> int:
     return EXIT_OK
 
 
+def cmd_theory(args) -> int:
+  """`divjax theory contraction`: consensus contraction under pure averaging (divjax.theory)."""
+  from divjax import config as config_lib, configure, theory
+  try:
+    if args.rounds < 4:
+      raise BadInput(f"error: --rounds: at least 4 rounds are needed for a steady rate (got {args.rounds})")
+    if args.seeds < 1 or args.trials < 100:
+      raise BadInput("error: --seeds must be >= 1 and --trials >= 100")
+    cfg = configure.load(args.config, args.set or [])
+    out, unique = _out_dir(args, args.config, prefix="contraction_")
+    if not unique:
+      rundir.check_target(out, args.force)
+  except config_lib.ConfigError as e:
+    print(f"config error: {e}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+  except (BadInput, rundir.RunDirError) as e:
+    print(e, file=sys.stderr)
+    return EXIT_BAD_INPUT
+  compilation_cache(args.no_cache)
+  try:
+    result = theory.contraction(cfg, rounds=args.rounds, seeds=args.seeds, trials=args.trials)
+  except (config_lib.ConfigError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+  try:
+    out, lock = rundir.create(out, force=args.force, unique=unique)
+  except rundir.RunDirError as e:
+    print(e, file=sys.stderr)
+    return EXIT_BAD_INPUT
+  with lock:
+    _write_atomic(out / "config.yaml", config_lib.dump_yaml(cfg))
+    _write_atomic(out / "contraction.json", json.dumps(result, indent=2))
+    theory.plot(result, out / "contraction.png")
+  print(json.dumps(result, indent=2))
+  print(f"wrote {out / 'contraction.json'} and {out / 'contraction.png'}", file=sys.stderr)
+  return EXIT_OK
+
+
 def yaml_load(path: Path):
   import yaml
   return yaml.safe_load(Path(path).read_text()) or {}
@@ -529,8 +567,29 @@ def _main(argv) -> int:
   s.add_argument("--quiet", action="store_true", help="no progress bar")
   s.add_argument("--no-cache", action="store_true", help="do not use JAX's persistent compilation cache")
   s.set_defaults(func=cmd_sweep)
+  t = sub.add_parser("theory", help="theory in numbers: measure what convergence theory predicts",
+                     description="Theory in numbers (divjax.theory).")
+  tsub = t.add_subparsers(dest="experiment", required=True)
+  c = tsub.add_parser("contraction", help="consensus contraction per round under pure averaging (lr = 0) "
+                                          "against lambda_2 and the delayed-recursion prediction",
+                      description=theory_doc())
+  c.add_argument("config", nargs="?", help="YAML config file (defaults if omitted)")
+  c.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE", help="dotted overrides")
+  c.add_argument("--rounds", type=int, default=16, help="rounds simulated (default 16)")
+  c.add_argument("--seeds", type=int, default=1, help="seeds averaged: seed, seed+1, ... (default 1)")
+  c.add_argument("--trials", type=int, default=4000,
+                 help="Monte Carlo trials (coordinates) of the predicted recursion (default 4000)")
+  c.add_argument("--out", help="output directory (default runs/contraction_<config>_<--set keys>_<timestamp>)")
+  c.add_argument("--force", action="store_true", help="replace an output directory divjax created")
+  c.add_argument("--no-cache", action="store_true", help="do not use JAX's persistent compilation cache")
+  c.set_defaults(func=cmd_theory)
   args = parser.parse_args(argv)
   return args.func(args)
+
+
+def theory_doc() -> str:
+  from divjax import theory
+  return theory.__doc__
 
 
 if __name__ == "__main__":

@@ -120,6 +120,13 @@ class DataConfig(_Strict):
   test_size: int = Field(2000, ge=1)
 
 
+class InitConfig(_Strict):
+  """Initial models. spread: every node starts from its own random model (seeded by `seed`
+  and the node id) instead of one shared model, e.g. for pure-averaging experiments
+  (`divjax theory contraction`)."""
+  spread: bool = False
+
+
 class Config(_Strict):
   algorithm: str = "divshare"
   seed: int = Field(0, ge=0)
@@ -162,6 +169,7 @@ class Config(_Strict):
   network: NetworkConfig = NetworkConfig()
   server: ServerConfig = ServerConfig()
   data: DataConfig = DataConfig()
+  init: InitConfig = InitConfig()
 
   @property
   def data_seed(self) -> int:

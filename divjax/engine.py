@@ -257,10 +257,9 @@ class Static(NamedTuple):
     return rows, slots
 
 
-def init_state(st: Static, sgd: nodes_lib.LocalSGD, x0) -> State:
-  """Every node starts from the model x0 (P,); no message sent yet."""
+def init_state(st: Static, sgd: nodes_lib.LocalSGD, x) -> State:
+  """Nodes start from the models x (N, P); no message sent yet."""
   n, d, m = st.n, st.depth, st.m
-  x = jnp.tile(x0[None, :], (n, 1))
   zi = lambda *s: jnp.zeros(s, jnp.int32)
   return State(
       nodes=Nodes(params=x, opt_state=sgd.init_opt(x), steps=zi(n), rounds=zi(n)),
@@ -447,7 +446,7 @@ def make(cfg: Config, task, alg: AsyncAlgorithm, *, communicate: bool = True) ->
     return make_params(cfg_p, data, alg.payload_bits(frags.sizes) + cfg_p.network.header_bits, net_p, frags_p)
 
   return Engine(
-      init=lambda run_key: init_state(st, sgd, task.init_flat(sampling.stream(run_key, sampling.STREAM_INIT))),
+      init=lambda run_key: init_state(st, sgd, task.initial_models(run_key, st.n, cfg.init.spread)),
       advance=functools.partial(advance, st, sgd, communicate), params=params, counts=device_counts,
       node_axes=node_axes, static=static, frags=frags, net=net, depth=d,
       round_ticks=(cfg.local_steps * net.period).astype(np.int64), ring_bytes=d * st.n * st.f * st.width * 4)

@@ -89,8 +89,8 @@ class _Sim:
     self.pairwise = self.reply and alg.replies.pairwise
     k_batch = sampling.stream(run_key, sampling.STREAM_BATCH)
     k_plan = sampling.stream(run_key, sampling.STREAM_PLAN)
-    p0 = np.asarray(task.init_flat(sampling.stream(run_key, sampling.STREAM_INIT)), np.float32)
-    self.nodes = [Node(p0.copy(), np.zeros_like(p0), alg.reference_init(p0)) for _ in range(cfg.n_nodes)]
+    x0 = np.asarray(task.initial_models(run_key, cfg.n_nodes, cfg.init.spread), np.float32)
+    self.nodes = [Node(p.copy(), np.zeros_like(p), alg.reference_init(p)) for p in x0]
     self.grad_fn = jax.jit(jax.grad(lambda p, x, y: task.loss_stacked(p[None], x[None], y[None])[0]))
     self.batch_fn = jax.jit(lambda i, k: sampling.batch_indices(k_batch, i, k, task.parts, task.counts,
                                                                 cfg.batch_size))
@@ -304,8 +304,7 @@ def simulate_sync(cfg: Config, task, protocol, n_ticks: int, run_key: Optional[j
   batch_fn = jax.jit(lambda i, k: sampling.batch_indices(k_batch, i, k, task.parts, task.counts,
                                                          cfg.batch_size))
   x_train, y_train = np.asarray(task.x_train), np.asarray(task.y_train)
-  params = np.tile(np.asarray(task.init_flat(sampling.stream(run_key, sampling.STREAM_INIT)),
-                              np.float32), (n, 1))
+  params = np.array(task.initial_models(run_key, n, cfg.init.spread), np.float32)
   velocity = np.zeros_like(params)
   steps, rounds, now, sent = np.zeros(n, np.int64), 0, 0, 0
 

@@ -137,8 +137,7 @@ def make(cfg: Config, task, protocol: SyncProtocol) -> engine_lib.Engine:
     return last
 
   def init(run_key) -> SyncState:
-    p0 = task.init_flat(sampling.stream(run_key, sampling.STREAM_INIT))
-    params = jnp.tile(p0[None, :], (n, 1))
+    params = task.initial_models(run_key, n, cfg.init.spread)
     z = lambda *s: jnp.zeros(s, jnp.int32)
     return SyncState(params=params, opt_state=sgd.init_opt(params), steps=z(n), rounds=z(n),
                      time_us=z(), sent=z(), tick=z(), age_sum=jnp.zeros((), jnp.float32),

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from divjax import models, sharding
+from divjax import models, sampling, sharding
 from divjax.config import Config
 
 
@@ -54,6 +54,14 @@ class Task(NamedTuple):
   @property
   def train_data(self) -> TrainData:
     return TrainData(self.x_train, self.y_train, self.parts, self.counts)
+
+  def initial_models(self, run_key, n: int, spread: bool = False):
+    """(n, P) initial models: one shared model from the run key's init stream, or with
+    `spread` node i's own model from that stream folded with i."""
+    key = sampling.stream(run_key, sampling.STREAM_INIT)
+    if not spread:
+      return jnp.tile(self.init_flat(key)[None, :], (n, 1))
+    return jax.vmap(lambda i: self.init_flat(jax.random.fold_in(key, i)))(jnp.arange(n))
 
   def loss_stacked(self, p, x, y):
     """Per-node losses (N,) of flat models p (N, P) on their batches x (N, B, ...), y (N, B)."""
