@@ -173,3 +173,15 @@ def test_adpsgd_pairwise_engine_matches_reference(case, topo):
   state, ref_params, ref_counts = run_both(cfg, n_ticks=48)
   assert ref_counts["age_count"] > 0  # exchanges completed
   assert_agree(state, ref_params, ref_counts)
+
+
+@pytest.mark.parametrize("algorithm", ["divshare", "swift_original"])
+def test_spread_initial_models_agree_with_reference(algorithm):
+  """init.spread: every node starts from its own model, in the engine and the reference alike
+  (swift_original's state holds copies of the initial model)."""
+  extra = ["fragments=1", "topology=regular"] if algorithm == "swift_original" else []
+  cfg = tiny_config(f"algorithm={algorithm}", "init.spread=true", *extra, *COMM_STRAGGLERS)
+  state, ref_params, ref_counts = run_both(cfg)
+  p = np.asarray(state.params)
+  assert np.ptp(p, axis=0).max() > 0.05                 # the nodes' models differ
+  assert_agree(state, ref_params, ref_counts)

@@ -37,8 +37,11 @@ def swift_original(*, neighbours: np.ndarray) -> AsyncAlgorithm:
   def plan(key, node, round_):
     return table[node], jnp.zeros((k,), jnp.int32)
 
-  def init(x0, dims):  # every stored copy starts as the common initial model: (N, K, L)
-    return jnp.broadcast_to(x0[0, 0], (n, k, x0.shape[-1]))
+  def init(x0, dims):
+    # every stored copy starts as the node's own initial model, (N, K, L): the common model,
+    # or with init.spread (distinct initial models) what a node assumes of a neighbour it
+    # has not heard from yet
+    return jnp.broadcast_to(x0[:, 0][:, None, :], (n, k, x0.shape[-1]))
 
   def aggregate(x, inbox, store):
     pushes = inbox.copies[0]
