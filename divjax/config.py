@@ -127,6 +127,13 @@ class InitConfig(_Strict):
   spread: bool = False
 
 
+class ObserveConfig(_Strict):
+  """Optional observers of the asynchronous engine. versions: per-pair version ages
+  (divjax.versions), `relay` (merged through mixing) or `direct` (only senders' own
+  versions); (ring_depth + 1) x n_nodes^2 int32 of memory."""
+  versions: Literal["off", "relay", "direct"] = "off"
+
+
 class Config(_Strict):
   algorithm: str = "divshare"
   seed: int = Field(0, ge=0)
@@ -170,6 +177,7 @@ class Config(_Strict):
   server: ServerConfig = ServerConfig()
   data: DataConfig = DataConfig()
   init: InitConfig = InitConfig()
+  observe: ObserveConfig = ObserveConfig()
 
   @property
   def data_seed(self) -> int:

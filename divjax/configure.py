@@ -66,6 +66,10 @@ def resolve(cfg: Config) -> Config:
       check(cfg)
     except ValueError as e:
       raise ConfigError(str(e)) from None
+  if cfg.observe.versions != "off" and (algorithms.PROPERTIES[cfg.algorithm].synchronous
+                                       or cfg.algorithm == "adpsgd_pairwise"):
+    raise ConfigError(f"observe.versions: tracked by the asynchronous engine's aggregation, not for "
+                      f"algorithm {cfg.algorithm!r} (synchronous, or pairwise exchanges): leave it 'off'")
   if cfg.fragments is None:
     cfg = cfg.model_copy(update={"fragments": algorithms.PROPERTIES[cfg.algorithm].default_fragments})
   _check_fragments(cfg)

@@ -59,6 +59,7 @@ from divjax import network as network_lib
 from divjax import nodes as nodes_lib
 from divjax import sampling
 from divjax import timebase as tb
+from divjax import versions as versions_lib
 from divjax.algorithms.base import AsyncAlgorithm, Dims
 from divjax.config import Config
 
@@ -98,6 +99,7 @@ class State(NamedTuple):
   alg: Any                  # the algorithm's own state (node axis first)
   counters: Counters
   tick: jax.Array           # () int32, next tick to simulate
+  versions: Optional[versions_lib.Versions] = None   # observe.versions (divjax.versions)
 
   # what drivers read, the same for every engine
   params = property(lambda s: s.nodes.params)
@@ -233,6 +235,7 @@ class Static(NamedTuple):
   dt_us: int                # tick length
   alg: AsyncAlgorithm
   frags: fragments_lib.Fragments
+  versions: str = "off"     # observe.versions: off, relay, direct
 
   @property
   def block_us(self) -> int:   # a block of H ticks
@@ -269,7 +272,8 @@ def init_state(st: Static, sgd: nodes_lib.LocalSGD, x) -> State:
       alg=st.alg.init(fragments_lib.to_layout(x, st.frags), Dims(n, st.f, st.width, d)),
       counters=Counters(retired=zi(len(FATES)), sent=zi(), age_sum=jnp.zeros((), jnp.float32),
                         age_count=zi()),
-      tick=zi())
+      tick=zi(),
+      versions=versions_lib.init(n, d) if st.versions != "off" else None)
 
 
 def send(st: Static, s: State, p: Params, ends, busy, k):
@@ -355,6 +359,9 @@ def end_rounds(st: Static, s: State, p: Params, ends) -> State:
   k = s.nodes.rounds % st.depth                                                               # (N,)
   mixed, alg_state = st.alg.aggregate(x, ring_lib.Inbox(s.ring, copies, ends, k), s.alg)
   params = jnp.where(ends[:, None], fragments_lib.from_layout(mixed, frags), params)
+  vers = s.versions
+  if vers is not None:  # the observer sees exactly the copies just aggregated
+    vers = versions_lib.round_end(vers, ends, s.nodes.rounds, k, copies, relay=st.versions == "relay")
 
   # c. retire slot r % D (its records are all final by now) and write the snapshot
   old = msgs.fate[nodes, k] if rep is None else jnp.concatenate([msgs.fate[nodes, k], rep.fate[nodes, k]], axis=1)
@@ -371,7 +378,7 @@ def end_rounds(st: Static, s: State, p: Params, ends) -> State:
                       age_count=c.age_count + sum(jnp.sum(u.due, dtype=jnp.int32) for u in used))
   return s._replace(nodes=s.nodes._replace(params=params, rounds=s.nodes.rounds + ends),
                     msgs=new_msgs, replies=rep, backlog_us=backlog, ring=ring, alg=alg_state,
-                    counters=counters)
+                    counters=counters, versions=vers)
 
 
 def local_tick(st: Static, sgd: nodes_lib.LocalSGD, s: State, p: Params):
@@ -434,7 +441,7 @@ def make(cfg: Config, task, alg: AsyncAlgorithm, *, communicate: bool = True) ->
   d = ring_depth(cfg, alg, net)
   check_horizon(cfg, d, net)
   st = Static(n=cfg.n_nodes, h=cfg.local_steps, f=frags.n, width=frags.width, m=alg.messages,
-              depth=d, dt_us=net.dt_us, alg=alg, frags=frags)
+              depth=d, dt_us=net.dt_us, alg=alg, frags=frags, versions=cfg.observe.versions)
   sgd = nodes_lib.make(cfg, task)
   static = static_key(cfg, d)
 
@@ -461,7 +468,7 @@ def node_axes(state: State):
   none = lambda tree: jax.tree.map(lambda _: None, tree)
   return State(nodes=zero(state.nodes), msgs=zero(state.msgs), replies=zero(state.replies),
                backlog_us=zero(state.backlog_us), ring=None, alg=zero(state.alg),
-               counters=none(state.counters), tick=None)
+               counters=none(state.counters), tick=None, versions=none(state.versions))
 
 
 def device_counts(state: State) -> dict:

@@ -91,12 +91,13 @@ class Shapes(NamedTuple):
   eval_act: int     # live bytes of the traced evaluation step of the models run side by side
   train_data: int   # bytes of the training set and partition
   test_data: int    # bytes of the test set
+  versions: int = 0  # observe.versions: slots holding N x N version vectors (D + 1), 0 when off
 
 
 # ------------------------------------------------------------------------------ the formula
 
-_STATE = ("params", "optimizer", "ring", "messages", "stored_copies", "other_state")
-_STEPPING = ("ring_update", "training", "routing", "tables_work", "mixing")  # a chunk's temporaries
+_STATE = ("params", "optimizer", "ring", "messages", "stored_copies", "versions", "other_state")
+_STEPPING = ("ring_update", "training", "routing", "tables_work", "versions_work", "mixing")  # a chunk's temporaries
 
 
 def parts(s: Shapes, state: Optional[dict[str, int]] = None) -> dict[str, int]:
@@ -112,6 +113,7 @@ def parts(s: Shapes, state: Optional[dict[str, int]] = None) -> dict[str, int]:
       "stored_copies": n * s.store * s.width * f4,
       # steps, rounds (+ backlog_us, two words) per node; retired (5), sent, age_sum, age_count, tick
       "other_state": (4 * n + 9 if s.depth else 2 * n + 5) * f4,
+      "versions": s.versions * n * n * f4,
       "data": s.train_data + s.test_data,
   }
   out.update(state or {})
@@ -123,6 +125,9 @@ def parts(s: Shapes, state: Optional[dict[str, int]] = None) -> dict[str, int]:
   out["training"] = 2 * out["params"] + out["optimizer"] + s.batch + s.train_act
   out["routing"] = s.routes * cols * n * s.width * f4 + out["stored_copies"]
   out["tables_work"] = 4 * (tables // 5)
+  # the version vectors gathered for every record at a round end (N D M x N), and a copy
+  out["versions_work"] = (n * s.depth * (s.messages + s.replies) * n * f4 + 2 * out["versions"]
+                          if s.versions else 0)
   out["mixing"] = s.edges * s.p * f4
   out["evaluation"] = s.eval_models * s.p * f4 + s.eval_act
   state = sum(out[k] for k in _STATE)
@@ -373,7 +378,8 @@ def shapes(cfg: Config, sim=None) -> Shapes:
       store=proto["store"], routes=proto["routes"], edges=proto["edges"],
       batch=n * cfg.batch_size * (sample_bytes + 4), train_act=train_act * n,
       eval_models=evaluated, eval_act=eval_act * min(evaluated, group or evaluated),
-      train_data=train_data, test_data=test_data)
+      train_data=train_data, test_data=test_data,
+      versions=depth + 1 if cfg.observe.versions != "off" and not proto["sync"] else 0)
 
 
 def _tree_bytes(tree) -> int:
@@ -386,7 +392,7 @@ def _measured_state(sim) -> dict[str, int]:
   nodes = getattr(st, "nodes", st)   # the asynchronous engine nests its parts
   get = lambda k: _tree_bytes(getattr(st, k, ()))
   out = {"params": _tree_bytes(st.params), "optimizer": _tree_bytes(nodes.opt_state), "ring": get("ring"),
-         "messages": get("msgs") + get("replies"), "stored_copies": get("alg")}
+         "messages": get("msgs") + get("replies"), "stored_copies": get("alg"), "versions": get("versions")}
   out["other_state"] = _tree_bytes(st) - sum(out.values())
   return out
 
@@ -433,6 +439,8 @@ _PARTS = {
     "messages": "the message tables (n_nodes x ring_depth x messages per round)",
     "stored_copies": "the stored neighbour copies (n_nodes x neighbours x model)",
     "other_state": "the per-node counters",
+    "versions": "the version vectors of observe.versions ((ring_depth + 1) x n_nodes^2)",
+    "versions_work": "the version vectors gathered at a round end (n_nodes^2 x ring_depth x messages)",
     "data": "the data (training set, partition, test set)",
     "training": "a local step (gradients, batch, activations of batch_size samples per node)",
     "routing": "the payloads gathered at round ends",
@@ -441,7 +449,7 @@ _PARTS = {
     "evaluation": "an evaluation step (eval_batch test samples x the models evaluated together)",
 }
 # Keys whose value can make a part large, tried at their defaults to find the one that does.
-_KNOBS = ("n_nodes", "ring_depth", "network.latency_ms", "network.compute_s_per_step", "local_steps",
+_KNOBS = ("n_nodes", "observe.versions", "ring_depth", "network.latency_ms", "network.compute_s_per_step", "local_steps",
           "network.stragglers.slowdown", "fragments", "recipients", "hidden", "model", "mf_dim",
           "data.dim", "data.n_classes", "batch_size", "eval_batch", "momentum", "data.samples_per_node",
           "data.test_size", "topology", "topology_degree", "server.cohort")

@@ -53,6 +53,7 @@ class Message:
   ping: bool = False                  # asks the receiver for a reply (AD-PSGD)
   reply: bool = False                 # is such a reply
   info: object = None                 # what the algorithm attaches to it (reference_message)
+  versions: Optional[np.ndarray] = None  # observe.versions: the sender's vector at its snapshot
 
 
 @dataclass
@@ -71,6 +72,8 @@ class Node:
   latest_round: int = -1
   latest_time: int = 0
   exchanges: list = field(default_factory=list)  # arrived replies of pairwise exchanges, in order
+  known: Optional[np.ndarray] = None             # observe.versions: newest version of each node seen
+  latest_known: Optional[np.ndarray] = None      # the vector attached to `latest`
 
 
 class _Sim:
@@ -91,6 +94,10 @@ class _Sim:
     k_plan = sampling.stream(run_key, sampling.STREAM_PLAN)
     x0 = np.asarray(task.initial_models(run_key, cfg.n_nodes, cfg.init.spread), np.float32)
     self.nodes = [Node(p.copy(), np.zeros_like(p), alg.reference_init(p)) for p in x0]
+    self.observe = cfg.observe.versions   # divjax.versions, written plainly here
+    if self.observe != "off":
+      for node in self.nodes:
+        node.known = np.zeros(cfg.n_nodes, np.int64)
     self.grad_fn = jax.jit(jax.grad(lambda p, x, y: task.loss_stacked(p[None], x[None], y[None])[0]))
     self.batch_fn = jax.jit(lambda i, k: sampling.batch_indices(k_batch, i, k, task.parts, task.counts,
                                                                 cfg.batch_size))
@@ -144,8 +151,12 @@ class _Sim:
     self.push(self.step_time(i, node.steps + 1), Event.STEP, i)
     if node.steps % self.h == 0:
       snapshot = node.params.copy()  # post-training, pre-aggregation model
+      vec = None
+      if node.known is not None:     # its version: rounds of training it holds; before any merge
+        node.known[i] = node.rounds + 1
+        vec = node.known.copy()
       self.push(now, Event.AGGREGATE, i, key=(i,))  # same-instant round ends in node order
-      self.push(now, Event.SEND, (i, snapshot))
+      self.push(now, Event.SEND, (i, snapshot, vec))
 
   def on_uploaded(self, now, msg):
     """Upload done: the message leaves the queue and travels for the link latency."""
@@ -176,7 +187,8 @@ class _Sim:
       self.enqueue(pong, now, None)
       self.nodes[msg.src].sent[msg.round].append(pong)
     elif msg.ping and rcv.latest is not None:  # reply at once with the latest snapshot
-      pong = Message(msg.dst, msg.src, 0, rcv.latest_round, rcv.latest_time, rcv.latest.copy(), reply=True)
+      pong = Message(msg.dst, msg.src, 0, rcv.latest_round, rcv.latest_time, rcv.latest.copy(), reply=True,
+                     versions=rcv.latest_known)
       # its payload slot is the replier's round; the ping's table slot holds its record
       self.enqueue(pong, now, rcv.latest_round)
       if self.trace is not None:
@@ -188,6 +200,10 @@ class _Sim:
     node = self.nodes[i]
     received = []
     for msg in node.buffer.values():
+      if node.known is not None and self.observe == "relay":
+        node.known = np.maximum(node.known, msg.versions)
+      elif node.known is not None:   # direct: only the sender's own version
+        node.known[msg.src] = max(node.known[msg.src], msg.versions[msg.src])
       received.append(Received(msg.src, self.coords[msg.frag], msg.payload, (now - msg.send_time) // self.dt,
                                msg.info))
       msg.status = "delivered"
@@ -216,7 +232,7 @@ class _Sim:
 
   def on_send(self, now, data):
     """Expire round r - D, flush the queue if the algorithm does, enqueue the new round."""
-    i, snapshot = data
+    i, snapshot, vec = data
     node = self.nodes[i]
     r = node.rounds
     # messages of round r - D lose their payload slot now
@@ -234,9 +250,9 @@ class _Sim:
     node.sent.setdefault(r, [])
     info = self.alg.reference_message(node.alg_state)
     for d, f in zip(dst.tolist(), frag.tolist()):
-      self.enqueue(Message(i, d, f, r, now, snapshot[self.coords[f]].copy(), ping=self.reply, info=info),
-                   now, r)
-    node.latest, node.latest_round, node.latest_time = snapshot, r, now
+      self.enqueue(Message(i, d, f, r, now, snapshot[self.coords[f]].copy(), ping=self.reply, info=info,
+                           versions=vec), now, r)
+    node.latest, node.latest_round, node.latest_time, node.latest_known = snapshot, r, now, vec
     node.rounds += 1
 
   def expire(self, msg):
@@ -267,6 +283,7 @@ class _Sim:
         "age_count": self.age_count,
         "steps": np.array([nd.steps for nd in nodes]),
         "rounds": np.array([nd.rounds for nd in nodes]),
+        "versions": None if self.observe == "off" else np.stack([nd.known for nd in nodes]),
     }
 
 

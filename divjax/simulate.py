@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from divjax import algorithms, engine as engine_lib, fates, sharding, sync, tasks
+from divjax import algorithms, engine as engine_lib, fates, sharding, sync, tasks, versions
 from divjax.config import Config
 
 
@@ -84,6 +84,8 @@ def evaluate(sim: Simulation, state) -> dict:
   rec.update(fates.to_host(sim.counts(state)))
   count = int(state.age_count)
   rec["staleness_s"] = float(state.age_sum) / count * sim.cfg.dt_us / 1e6 if count else None
+  if sim.cfg.observe.versions != "off":  # per-pair version ages, in rounds (divjax.versions)
+    rec["version_age_mean"], rec["version_age_max"] = versions.staleness(state.versions.known)
   return rec
 
 
