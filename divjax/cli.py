@@ -466,15 +466,18 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_theory(args) -> int:
-  """`divjax theory contraction`: consensus contraction under pure averaging (divjax.theory)."""
-  from divjax import config as config_lib, configure, theory
+  """`divjax theory contraction|staleness`: theory in numbers (divjax.theory, divjax.staleness)."""
+  from divjax import config as config_lib, configure, staleness, theory
+  name = args.experiment
   try:
-    if args.rounds < 4:
+    if name == "contraction" and args.rounds < 4:
       raise BadInput(f"error: --rounds: at least 4 rounds are needed for a steady rate (got {args.rounds})")
-    if args.seeds < 1 or args.trials < 100:
+    if name == "contraction" and (args.seeds < 1 or args.trials < 100):
       raise BadInput("error: --seeds must be >= 1 and --trials >= 100")
+    if name == "staleness" and (args.rounds < 4 or len(args.nodes) < 2 or min(args.nodes) < 3):
+      raise BadInput("error: --rounds must be >= 4 and --nodes needs at least two sizes, each >= 3")
     cfg = configure.load(args.config, args.set or [])
-    out, unique = _out_dir(args, args.config, prefix="contraction_")
+    out, unique = _out_dir(args, args.config, prefix=f"{name}_")
     if not unique:
       rundir.check_target(out, args.force)
   except config_lib.ConfigError as e:
@@ -485,7 +488,12 @@ def cmd_theory(args) -> int:
     return EXIT_BAD_INPUT
   compilation_cache(args.no_cache)
   try:
-    result = theory.contraction(cfg, rounds=args.rounds, seeds=args.seeds, trials=args.trials)
+    if name == "contraction":
+      result = theory.contraction(cfg, rounds=args.rounds, seeds=args.seeds, trials=args.trials)
+      plot = theory.plot
+    else:
+      result = staleness.experiment(cfg, args.nodes, law=args.capacity, modes=args.modes, rounds=args.rounds)
+      plot = staleness.plot
   except (config_lib.ConfigError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return EXIT_BAD_INPUT
@@ -496,10 +504,10 @@ def cmd_theory(args) -> int:
     return EXIT_BAD_INPUT
   with lock:
     _write_atomic(out / "config.yaml", config_lib.dump_yaml(cfg))
-    _write_atomic(out / "contraction.json", json.dumps(result, indent=2))
-    theory.plot(result, out / "contraction.png")
+    _write_atomic(out / f"{name}.json", json.dumps(result, indent=2))
+    plot(result, out / f"{name}.png")
   print(json.dumps(result, indent=2))
-  print(f"wrote {out / 'contraction.json'} and {out / 'contraction.png'}", file=sys.stderr)
+  print(f"wrote {out / (name + '.json')} and {out / (name + '.png')}", file=sys.stderr)
   return EXIT_OK
 
 
@@ -583,6 +591,19 @@ def _main(argv) -> int:
   c.add_argument("--force", action="store_true", help="replace an output directory divjax created")
   c.add_argument("--no-cache", action="store_true", help="do not use JAX's persistent compilation cache")
   c.set_defaults(func=cmd_theory)
+  a = tsub.add_parser("staleness", help="version age over node pairs against n (Mitra & Ulukus), relay "
+                                        "and direct, with ln n and n fits", description=staleness_doc())
+  a.add_argument("config", nargs="?", help="YAML config file (defaults if omitted)")
+  a.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE", help="dotted overrides")
+  a.add_argument("--nodes", type=int, nargs="+", default=[16, 32, 64, 128], help="node counts")
+  a.add_argument("--capacity", choices=["constant", "log", "linear"], default="constant",
+                 help="recipients J as n grows: c, ceil(c ln n), ceil(c n / 10), c = recipients")
+  a.add_argument("--modes", nargs="+", choices=["relay", "direct"], default=["relay", "direct"])
+  a.add_argument("--rounds", type=int, default=40, help="rounds simulated per n (default 40)")
+  a.add_argument("--out", help="output directory (default runs/staleness_<config>_<--set keys>_<timestamp>)")
+  a.add_argument("--force", action="store_true", help="replace an output directory divjax created")
+  a.add_argument("--no-cache", action="store_true", help="do not use JAX's persistent compilation cache")
+  a.set_defaults(func=cmd_theory)
   args = parser.parse_args(argv)
   return args.func(args)
 
@@ -590,6 +611,11 @@ def _main(argv) -> int:
 def theory_doc() -> str:
   from divjax import theory
   return theory.__doc__
+
+
+def staleness_doc() -> str:
+  from divjax import staleness
+  return staleness.__doc__
 
 
 if __name__ == "__main__":
