@@ -132,6 +132,9 @@ class ObserveConfig(_Strict):
   (divjax.versions), `relay` (merged through mixing) or `direct` (only senders' own
   versions); (ring_depth + 1) x n_nodes^2 int32 of memory."""
   versions: Literal["off", "relay", "direct"] = "off"
+  # f(xbar) and ||grad f(xbar)||^2 of the global objective at the network-average model at
+  # every evaluation (divjax.objective): a pass over the whole training set each time
+  grad_norm: bool = False
 
 
 class Config(_Strict):

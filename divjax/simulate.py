@@ -34,6 +34,7 @@ class Simulation(NamedTuple):
   mesh: Optional[jax.sharding.Mesh]  # the node axis over `devices` devices; None for one
   evaluate_nodes: Callable            # (params (N, P), test) -> per-node metrics, sharded like them
   counts: Callable                    # state -> message counts on the device (engine.counts, jitted)
+  objective: Optional[Callable] = None  # xbar -> (f(xbar), ||grad f||^2) with observe.grad_norm
 
 
 def build(cfg: Config, task: Optional[tasks.Task] = None, *, communicate: bool = True) -> Simulation:
@@ -44,7 +45,18 @@ def build(cfg: Config, task: Optional[tasks.Task] = None, *, communicate: bool =
   task = task._replace(test=sharding.gather(task.test, mesh))
   params = eng.params(cfg, sharding.gather(task.train_data, mesh))
   evaluate_nodes = jax.jit(sharding.over_nodes(task.eval_fn, mesh, (True, False)))
-  return Simulation(cfg, task, eng, params.key, params, mesh, evaluate_nodes, jax.jit(eng.counts))
+  return Simulation(cfg, task, eng, params.key, params, mesh, evaluate_nodes, jax.jit(eng.counts),
+                    objective_for(cfg, task))
+
+
+def objective_for(cfg: Config, task: tasks.Task) -> Optional[Callable]:
+  """observe.grad_norm: xbar -> (f(xbar), ||grad f(xbar)||^2) on task's training set."""
+  if not cfg.observe.grad_norm:
+    return None
+  from divjax import objective
+  fn = objective.make(task)
+  w = jnp.asarray(objective.sample_weights(task.parts, task.counts, task.x_train.shape[0]))
+  return lambda xbar: fn(xbar, task.x_train, task.y_train, w)
 
 
 def make_engine(cfg: Config, task: tasks.Task, *, communicate: bool = True) -> engine_lib.Engine:
@@ -84,6 +96,9 @@ def evaluate(sim: Simulation, state) -> dict:
   rec.update(fates.to_host(sim.counts(state)))
   count = int(state.age_count)
   rec["staleness_s"] = float(state.age_sum) / count * sim.cfg.dt_us / 1e6 if count else None
+  if sim.objective is not None:  # the theorem's quantity (divjax.objective)
+    value, g2 = jax.device_get(sim.objective(whole.mean(0)))
+    rec["objective"], rec["grad_norm_sq"] = float(value), float(g2)
   if sim.cfg.observe.versions != "off":  # per-pair version ages, in rounds (divjax.versions)
     rec["version_age_mean"], rec["version_age_max"] = versions.staleness(state.versions.known)
   return rec

@@ -119,7 +119,7 @@ class Group:
   def __init__(self, first: Config):
     from divjax import simulate
     self.sim = simulate.build(first)
-    self.tasks = {_task_key(first): (self.sim.task, self.sim.evaluate_nodes)}
+    self.tasks = {_task_key(first): (self.sim.task, self.sim.evaluate_nodes, self.sim.objective)}
     self.compiled: dict = {}          # chunk length -> compiled chunk of one point
     self.batch_compiled: dict = {}    # batch size -> {chunk length -> compiled vmapped chunk}
 
@@ -127,15 +127,17 @@ class Group:
     """The point's Simulation: the group's engine with the point's Params and task."""
     import jax
     from divjax import sharding, tasks
+    from divjax import simulate
     key = _task_key(cfg)
     if key not in self.tasks:
       task = tasks.build(cfg)
       task = task._replace(test=sharding.gather(task.test, self.sim.mesh))
       ev = jax.jit(sharding.over_nodes(task.eval_fn, self.sim.mesh, (True, False)))
-      self.tasks[key] = (task, ev)
-    task, ev = self.tasks[key]
+      self.tasks[key] = (task, ev, simulate.objective_for(cfg, task))
+    task, ev, objective = self.tasks[key]
     params = self.sim.engine.params(cfg, sharding.gather(task.train_data, self.sim.mesh))
-    return self.sim._replace(cfg=cfg, task=task, run_key=params.key, params=params, evaluate_nodes=ev)
+    return self.sim._replace(cfg=cfg, task=task, run_key=params.key, params=params, evaluate_nodes=ev,
+                             objective=objective)
 
 
 def _write(path: Path, text: str) -> None:
