@@ -66,7 +66,9 @@ def test_nodes_not_ending_a_round_keep_their_vector():
   np.testing.assert_array_equal(v.sent[0, 1], [0, 0, 0])
 
 
-@pytest.mark.parametrize("algorithm, mode", [("divshare", "relay"), ("divshare", "direct"), ("adpsgd", "relay")])
+@pytest.mark.parametrize("algorithm, mode", [("divshare", "relay"),
+                                             pytest.param("divshare", "direct", marks=pytest.mark.slow),
+                                             pytest.param("adpsgd", "relay", marks=pytest.mark.slow)])
 def test_engine_versions_agree_with_reference(algorithm, mode):
   extra = ["fragments=1", "recipients=2"] if algorithm == "adpsgd" else []
   cfg = tiny_config(f"algorithm={algorithm}", f"observe.versions={mode}", *extra, *COMM_STRAGGLERS)
