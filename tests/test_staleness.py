@@ -28,6 +28,19 @@ def test_fit_recovers_a_line():
   assert staleness.fit(x, [1.0, 3.0, 2.0, 4.0])["r2"] < 0.9
 
 
+def test_direct_ages_grow_like_n(tmp_path, capsys):
+  out = tmp_path / "s"
+  rc = cli.main(["theory", "staleness", "--set", *TINY, "--nodes", "6", "12", "--rounds", "20",
+                 "--modes", "direct", "--out", str(out)])
+  assert rc == 0
+  r = json.loads(capsys.readouterr().out)
+  direct = [p["age_mean"] for p in r["modes"]["direct"]["points"]]
+  # node i hears of j only when j picks it (probability 1/(n-1) a round): about n - 1
+  assert direct[0] == pytest.approx(5, rel=0.35) and direct[1] == pytest.approx(11, rel=0.35)
+  assert r["modes"]["direct"]["fit_n"]["slope"] == pytest.approx(1.0, rel=0.35)
+
+
+@pytest.mark.slow
 def test_direct_ages_grow_like_n_and_relay_stays_below(tmp_path, capsys):
   out = tmp_path / "s"
   rc = cli.main(["theory", "staleness", "--set", *TINY, "--nodes", "6", "12", "--rounds", "20",
