@@ -12,6 +12,10 @@ are those of `divjax run` with the same config (config.yaml, metrics.jsonl, summ
 metrics.png, byte-identical metrics.jsonl), in DIR/points/<index>_<values>/; DIR gets
 sweep.csv, sweep.jsonl (one row per point) and sweep.png.
 
+With `--batch B` (divjax.batched), B points of one group and schedule are stepped together
+as one vmapped program instead (message counts identical, floats to float32 rounding);
+`--batch auto` does so only off a CPU, where it measured no faster.
+
 A point that diverges is marked so and the others go on (they are separate runs of the same
 program: nothing is shared but the compiled code). `--resume DIR` skips the points that have
 a summary.json with a final status and re-runs the others from the start (a point is short;
@@ -126,8 +130,7 @@ class Group:
   def simulation(self, cfg: Config):
     """The point's Simulation: the group's engine with the point's Params and task."""
     import jax
-    from divjax import sharding, tasks
-    from divjax import simulate
+    from divjax import sharding, simulate, tasks
     key = _task_key(cfg)
     if key not in self.tasks:
       task = tasks.build(cfg)
