@@ -5,6 +5,7 @@
 plateau: constant step size, ||grad f(xbar)||^2 averaged over the last quarter of the run,
   against lr, recipients J, heterogeneity (classes per node), gradient noise (batch size) and
   delay (link latency), each swept alone from the config, mean and spread over seeds.
+divergence: the largest constant lr that does not diverge, against the link latency (delay).
 decay: eta = c / sqrt(K) for K rounds, (1/T) sum_t ||grad f(xbar_t)||^2 over the whole run,
   against K; the log-log slope (theory: -1/2 once the sqrt(sigma^2 / (n K)) term dominates)
   with a 95% confidence interval from the regression over every seed's point.
@@ -96,19 +97,41 @@ def t975(df: int) -> float:
   return _T975[max(k for k in _T975 if k <= df)] if df <= 120 else 1.96
 
 
+def divergence(args, tmp: Path) -> None:
+  """The largest lr that does not diverge, against the delay (link latency; rounds of 40 ms)."""
+  lrs, latencies = args.lrs, args.latencies
+  res = run_grid(args.config, [f"network.latency_ms={','.join(map(str, latencies))}",
+                               f"lr={','.join(f'{lr:g}' for lr in lrs)}"], args.set, tmp / "divergence")
+  print("| latency (ms) | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |")
+  print("|---|" + "---|" * len(lrs))
+  for lat in latencies:
+    cells = []
+    for r in (r for r in res if r["values"]["network.latency_ms"] == lat):
+      last = r["records"][-1]
+      diverged = len(r["records"]) < 2 or last["time_s"] < r["cfg"].duration_s - 1e-9
+      cells.append("diverged" if diverged else f"{last['grad_norm_sq']:.3g}")
+    print(f"| {lat} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--config", default="configs/theory_logreg.yaml")
   ap.add_argument("--seeds", type=int, default=3)
   ap.add_argument("--c", type=float, default=1.0, help="eta = c / sqrt(K) in the decay experiment")
   ap.add_argument("--set", nargs="*", default=[])
-  ap.add_argument("--only", choices=["plateau", "decay"])
+  ap.add_argument("--only", choices=["plateau", "decay", "divergence"])
+  ap.add_argument("--lrs", type=float, nargs="+", default=[0.5, 1, 2, 4, 8, 16, 32],
+                  help="divergence: the constant step sizes tried")
+  ap.add_argument("--latencies", type=int, nargs="+", default=[1, 50, 150],
+                  help="divergence: the link latencies (ms) tried")
   args = ap.parse_args()
   with tempfile.TemporaryDirectory() as tmp:
     if args.only in (None, "plateau"):
       plateau(args, Path(tmp))
     if args.only in (None, "decay"):
       decay(args, Path(tmp))
+    if args.only in (None, "divergence"):
+      divergence(args, Path(tmp))
 
 
 if __name__ == "__main__":
