@@ -16,7 +16,7 @@ for the batched dots) in the larger program. Points are independent under vmap: 
 point's NaNs never reach another; it is frozen (no longer evaluated) at the boundary where
 it is seen, and its slot is still computed with the others until the batch ends.
 
-On 2 CPU cores a vmapped batch costs 1.08-1.19x the CPU time of the same points one after
+On 2 CPU cores a vmapped batch of 8 cost 1.10x the CPU time of the same points one after
 the other (BENCHMARKS.md), so `divjax sweep` batches only where asked (`--batch`) or, with
 `--batch auto`, on accelerators.
 """

@@ -205,7 +205,6 @@ def measure(cfg: Config, rounds: int, seeds: int = 1) -> dict:
     tensor_sizes = sim.task.tensor_sizes
     done = counts["msgs_sent"] - counts["msgs_in_flight"]
     delivered.append(counts["msgs_delivered"] / done if done else None)
-    del state
   return {"curves": curves, "delivered": delivered, "tensor_sizes": tensor_sizes}
 
 
@@ -215,13 +214,12 @@ def predict(cfg: Config, rounds: int, tensor_sizes, trials: int = 4000, seed: in
   alg, n, j = cfg.algorithm, cfg.n_nodes, cfg.recipients
   name = algorithms.MODULES[alg].__name__.rsplit(".", 1)[-1]      # aliases resolved
   sync = algorithms.PROPERTIES[alg].synchronous
-  out: dict = {"model": None}
   if name == "dpsgd" and cfg.topology not in ("random_ring",):
+    import jax
     from divjax import topology
-    edges = topology.fixed(cfg.topology, n, degree=cfg.topology_degree, seed=cfg.data_seed,
-                           edge_list=cfg.topology_edges)
-    w, self_w = topology.metropolis_weights(np.asarray(edges.src), np.asarray(edges.dst), n)
-    first, steady, lam = graph_rates(topology.dense_mixing(edges.src, edges.dst, w, self_w, n))
+    # the algorithm's own fixed W (the same every round, whatever the key)
+    src, dst, w, self_w = algorithms.make(cfg).mixing(jax.random.key(0), 0)
+    first, steady, lam = graph_rates(topology.dense_mixing(src, dst, w, self_w, n))
     return {"model": "fixed graph W (Metropolis-Hastings), exact", "lambda2": lam,
             "first_step_predicted": first, "steady_predicted": steady}
   if name in ("divshare", "el_local"):
@@ -239,8 +237,8 @@ def predict(cfg: Config, rounds: int, tensor_sizes, trials: int = 4000, seed: in
     out.update(first_step_predicted=first, steady_predicted=steady,
                steady_no_delay=rates(no_delay, f)[1], predicted_curve=[float(v) for v in curve])
     return out
-  out["note"] = f"no prediction derived for algorithm {alg!r} (divshare, el_local, dpsgd have one)"
-  return out
+  return {"model": None, "note": f"no prediction derived for algorithm {alg!r} (divshare, el_local, "
+                                 f"dpsgd on a fixed graph have one)"}
 
 
 def contraction(cfg: Config, rounds: int = 16, seeds: int = 1, trials: int = 4000) -> dict:
