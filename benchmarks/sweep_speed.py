@@ -15,6 +15,11 @@ and the time per point.
 --vmap S [--repeats 2]: one sweep of S points (seed = 0..S-1) with --batch 1 (one after the
 other) against --batch S (one vmapped program), alternated, cache off: wall and CPU time
 (user + system of the process), and how far the vmapped points' metrics are from the others.
+
+--fold S [--repeats 2]: the cost a node-folded sweep could reach. One sweep of S points (seed =
+0..S-1, one after the other) against one `divjax run` of the same config with S x n_nodes
+nodes, alternated, cache off: CPU time of each process. A folded sweep would do the work of the
+larger run plus keeping the points apart, so the ratio bounds what folding can save.
 """
 
 from __future__ import annotations
@@ -44,10 +49,13 @@ def main():
   ap.add_argument("--set", nargs="*", default=[])
   ap.add_argument("--scaling", type=int, nargs="+")
   ap.add_argument("--vmap", type=int)
+  ap.add_argument("--fold", type=int)
   ap.add_argument("--repeats", type=int, default=2)
   args = ap.parse_args()
   if args.scaling:
     return scaling(args)
+  if args.fold:
+    return folded(args)
   if args.vmap:
     return vmapped(args)
   py = [sys.executable, "-m", "divjax.cli"]
@@ -137,6 +145,39 @@ def vmapped(args):
   for b, ts in times.items():
     print(f"| {b} | {', '.join(f'{w:.1f}' for w, _ in ts)} | {', '.join(f'{c:.1f}' for _, c in ts)} | "
           f"{sum(c for _, c in ts) / base:.2f} |")
+
+
+def folded(args):
+  import json
+  from divjax import configure
+  n = configure.load(args.config, args.set).n_nodes
+  s = args.fold
+  sets = ["--set", *args.set] if args.set else []
+  env = dict(os.environ, DIVJAX_COMPILATION_CACHE="off")
+  cmds = {f"sweep of {s} points x {n} nodes": [sys.executable, "-m", "divjax.cli", "sweep", args.config, *sets,
+                                                "--grid", f"seed=0..{s - 1}", "--batch", "1"],
+          f"one run of {s * n} nodes": [sys.executable, "-m", "divjax.cli", "run", args.config, "--set",
+                                        *args.set, f"n_nodes={s * n}"]}
+  times = {k: [] for k in cmds}
+  sim_s = {k: [] for k in cmds}
+  with tempfile.TemporaryDirectory() as tmp:
+    for r in range(args.repeats):
+      for i, (k, cmd) in enumerate(cmds.items()):
+        out = Path(tmp) / f"{i}_{r}"
+        times[k].append(cpu_timed(cmd + ["--out", str(out), "--quiet"], env))
+        summaries = ([json.loads(l) for l in (out / "sweep.jsonl").read_text().splitlines()] if i == 0
+                     else [json.loads((out / "summary.json").read_text())])
+        sim_s[k].append(sum(x["wall_s"] - x["compile_s"] for x in summaries))
+  import jax
+  print(f"{args.config} {' '.join(args.set)}; device {jax.devices()[0].device_kind}; alternated "
+        f"x{args.repeats}, cache off; CPU = user + system of the process; simulated wall = wall_s - "
+        f"compile_s summed over the points (evaluations included)")
+  print("| variant | wall (s), each repeat | CPU (s), each repeat | simulation wall (s), each repeat | CPU / sweep |")
+  print("|---|---|---|---|---|")
+  base = sum(c for _, c in next(iter(times.values())))
+  for k, ts in times.items():
+    print(f"| {k} | {', '.join(f'{w:.1f}' for w, _ in ts)} | {', '.join(f'{c:.1f}' for _, c in ts)} | "
+          f"{', '.join(f'{x:.1f}' for x in sim_s[k])} | {sum(c for _, c in ts) / base:.2f} |")
 
 
 if __name__ == "__main__":

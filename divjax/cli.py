@@ -40,7 +40,8 @@ recipients, model, algorithm, ...) share one compiled program, since seed, lr, m
 speeds, latencies, stragglers and data.seed are traced parameters. DIR/points/<i>_<values>/
 holds each point's config.yaml, metrics.jsonl, summary.json and metrics.png, as `divjax run`
 writes them; DIR holds sweep.csv, sweep.jsonl, sweep.png and sweep_summary.json.
-`--resume DIR` runs only the points not finished yet."""
+`--resume DIR` runs only the points not finished yet, each from its newest checkpoint if it
+has one (--checkpoint-wall)."""
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_DIVERGED = 0, 1, 2, 3
 
@@ -420,6 +421,8 @@ def cmd_sweep(args) -> int:
           raise BadInput("error: divjax sweep needs at least one --grid KEY=V1,V2,...")
         base, overrides, grids, zip_ = args.config, args.set or [], args.grid, args.zip
       batch = _batch_arg(args.batch)
+      if not args.checkpoint_wall >= 0:
+        raise BadInput(f"error: --checkpoint-wall: expected seconds >= 0 (got {args.checkpoint_wall})")
       pts = sweep.points(base, overrides, sweep.parse_grid(grids, zip_))
       if not args.resume:
         out, unique = _out_dir(args, args.config, prefix="sweep_", extra=grids)
@@ -446,7 +449,8 @@ def cmd_sweep(args) -> int:
       _write_atomic(out / "sweep.yaml", yaml_dump({"config": args.config, "set": overrides,
                                                    "grid": grids, "zip": zip_}))
     try:
-      rows, info = sweep.run(pts, out, progress=not args.quiet, should_stop=stop.requested, batch=batch)
+      rows, info = sweep.run(pts, out, progress=not args.quiet, should_stop=stop.requested, batch=batch,
+                             checkpoint_wall_s=args.checkpoint_wall)
     except (config_lib.ConfigError, ValueError) as e:  # e.g. a point too large for memory
       print(f"error: {e}", file=sys.stderr)
       return EXIT_BAD_INPUT
@@ -572,6 +576,10 @@ def _main(argv) -> int:
                  help="points of one structure stepped together as one vmapped program (1: one after "
                       "the other); auto (default): 1 on a CPU, where that measured faster, else as many "
                       "as the memory guard allows")
+  s.add_argument("--checkpoint-wall", type=float, default=60.0, metavar="S",
+                 help="a point run on its own writes a checkpoint at most every S wall seconds (at its "
+                      "config's checkpoint boundaries; 0: at each), and when stopped; --resume continues "
+                      "it from there (default 60)")
   s.add_argument("--quiet", action="store_true", help="no progress bar")
   s.add_argument("--no-cache", action="store_true", help="do not use JAX's persistent compilation cache")
   s.set_defaults(func=cmd_sweep)

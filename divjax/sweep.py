@@ -17,9 +17,13 @@ as one vmapped program instead (message counts identical, floats to float32 roun
 `--batch auto` does so only off a CPU, where it measured no faster.
 
 A point that diverges is marked so and the others go on (they are separate runs of the same
-program: nothing is shared but the compiled code). `--resume DIR` skips the points that have
-a summary.json with a final status and re-runs the others from the start (a point is short;
-its results equal an uninterrupted sweep's since runs are deterministic).
+program: nothing is shared but the compiled code). A point run on its own checkpoints itself
+(divjax.checkpoint) at its config's checkpoint boundaries, at most once per `checkpoint_wall_s`
+of wall time (a short point then writes none) and when the sweep is stopped by a signal; a
+finished point's checkpoints are deleted. `--resume DIR` skips the points that have a
+summary.json with a final status and continues the others from their newest intact
+checkpoint, or from the start without one (a batched point, a point killed before its first
+checkpoint). Either way its results equal an uninterrupted sweep's.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import csv
 import itertools
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
@@ -158,12 +163,15 @@ class PointOutput:
   record, then summary.json (only with a final status: --resume runs the others again) and
   metrics.png."""
 
-  def __init__(self, point: Point, out: Path):
+  def __init__(self, point: Point, out: Path, records: tuple = ()):
+    """records: those of a checkpoint the point resumes from (written first; later ones, from
+    before it was killed, are dropped and recomputed)."""
     from divjax import config as config_lib
     out.mkdir(parents=True, exist_ok=True)
     _write(out / "config.yaml", config_lib.dump_yaml(point.cfg))
-    self.cfg, self.out, self.records = point.cfg, out, []
-    self.file = open(out / "metrics.jsonl", "w")
+    self.cfg, self.out, self.records = point.cfg, out, list(records)
+    _write(out / "metrics.jsonl", "".join(map(_record_line, self.records)))
+    self.file = open(out / "metrics.jsonl", "a")
 
   def on_eval(self, rec: dict) -> None:
     self.records.append(rec)
@@ -180,16 +188,58 @@ class PointOutput:
     return summary
 
 
-def run_point(point: Point, group: Group, out: Path, should_stop: Callable[[], bool] = lambda: False) -> dict:
-  """Runs one point into `out` as `divjax run` would; returns its summary."""
-  from divjax import simulate
+CHECKPOINT_WALL_S = 60.0
+
+
+def _resume_point(ckpt, cfg: Config) -> Optional[tuple]:
+  """(state, records) of the point's newest intact checkpoint on an evaluation boundary, or
+  None (none there, or none usable: the point then starts again, with the same result)."""
+  from divjax import checkpoint
+  for tick in reversed([t for t in ckpt.ticks() if t % cfg.eval_every_ticks == 0 and t < cfg.n_ticks]):
+    try:
+      return ckpt.restore(tick)
+    except checkpoint.CheckpointError:
+      continue
+  return None
+
+
+def throttled(save: Callable, should_stop: Callable[[], bool], every_s: float, end_tick: int,
+              clock: Callable[[], float] = time.perf_counter) -> Callable:
+  """on_checkpoint for a sweep point: `save` at most once per `every_s` wall seconds, and
+  always when the sweep is being stopped; never at the end (summary.json marks a point done)."""
+  last = [clock()]
+
+  def on_checkpoint(state, records):
+    if int(state.tick) < end_tick and (should_stop() or clock() - last[0] >= every_s):
+      save(state, records)
+      last[0] = clock()
+  return on_checkpoint
+
+
+def run_point(point: Point, group: Group, out: Path, should_stop: Callable[[], bool] = lambda: False,
+              checkpoint_wall_s: float = CHECKPOINT_WALL_S) -> dict:
+  """Runs one point into `out` as `divjax run` would, continuing from its checkpoint if it has
+  one; returns its summary (with "resumed_from_tick" when it continued)."""
+  import jax
+  from divjax import checkpoint, config as config_lib, simulate
   sim = group.simulation(point.cfg)
-  po = PointOutput(point, out)
+  ckpt = checkpoint.Checkpointer(out, template=jax.eval_shape(sim.engine.init, sim.run_key), keep=1,
+                                 config=config_lib.to_dict(point.cfg))
   try:
-    summary, _ = simulate.run(point.cfg, sim=sim, on_eval=po.on_eval, compiled=group.compiled,
-                              should_stop=should_stop)
+    resume = _resume_point(ckpt, point.cfg)
+    po = PointOutput(point, out, records=resume[1] if resume else ())
+    save = throttled(ckpt.save, should_stop, checkpoint_wall_s, point.cfg.n_ticks)
+    try:
+      summary, _ = simulate.run(point.cfg, sim=sim, on_eval=po.on_eval, compiled=group.compiled,
+                                should_stop=should_stop, resume=resume, on_checkpoint=save)
+    finally:
+      po.file.close()
   finally:
-    po.file.close()
+    ckpt.close()
+  if resume is not None:
+    summary["resumed_from_tick"] = resume[1][-1]["tick"]
+  if summary["status"] in FINAL:
+    shutil.rmtree(out / checkpoint.SUBDIR, ignore_errors=True)
   return po.finish(summary, sim.task)
 
 
@@ -278,11 +328,13 @@ def plot(out: Path, rows: list[dict], swept: list[str], metric: str = "final_acc
 
 def run(pts: list[Point], out: Path, *, progress: bool = True,
         should_stop: Callable[[], bool] = lambda: False,
-        batch: Optional[int] = 1) -> tuple[list[dict], dict]:
-  """Runs every point not finished yet; returns (rows, info: groups, batches and timings).
+        batch: Optional[int] = 1, checkpoint_wall_s: float = CHECKPOINT_WALL_S) -> tuple[list[dict], dict]:
+  """Runs every point not finished yet; returns (rows, info: groups, batches, timings, and the
+  points continued from a checkpoint, by name: the tick).
 
   batch: points per vmapped program (1: one after the other; None: automatic, see batch_size).
   Points are batched with others of their group and schedule (duration, evaluation interval).
+  checkpoint_wall_s: a point run on its own checkpoints at most this often (see the module).
   """
   keys = [structure(p.cfg) for p in pts]   # builds each point's algorithm once (graphs can be big)
   groups: dict[str, int] = {}
@@ -298,7 +350,7 @@ def run(pts: list[Point], out: Path, *, progress: bool = True,
     from tqdm.auto import tqdm
     bar = tqdm(total=len(pts), initial=len(pts) - sum(map(len, pending.values())), unit="point",
                dynamic_ncols=True)
-  built, sizes, t0 = {}, [], time.perf_counter()
+  built, sizes, resumed, t0 = {}, [], {}, time.perf_counter()
   for (g, *_), todo in pending.items():
     if should_stop():
       break
@@ -313,7 +365,9 @@ def run(pts: list[Point], out: Path, *, progress: bool = True,
         bar.set_postfix_str(f"group {groups[g] + 1}/{len(groups)}, {len(chunk)} point(s) at once, "
                             f"{chunk[0].cfg.duration_s:g} sim-s each")
       if len(chunk) == 1:
-        done = [run_point(chunk[0], built[g], out / "points" / chunk[0].name, should_stop)]
+        done = [run_point(chunk[0], built[g], out / "points" / chunk[0].name, should_stop, checkpoint_wall_s)]
+        if "resumed_from_tick" in done[0]:
+          resumed[chunk[0].name] = done[0]["resumed_from_tick"]
       else:
         done = run_batch(chunk, built[g], out, should_stop)
       sizes.append(len(chunk))
@@ -325,7 +379,7 @@ def run(pts: list[Point], out: Path, *, progress: bool = True,
     bar.close()
   rows = [row(p, summaries[p.index], groups[g]) for p, g in zip(pts, keys) if summaries[p.index] is not None]
   info = {"points": len(pts), "groups": len(groups), "groups_built": len(built),
-          "batches": sizes, "wall_s": round(time.perf_counter() - t0, 3)}
+          "batches": sizes, "resumed": resumed, "wall_s": round(time.perf_counter() - t0, 3)}
   return rows, info
 
 

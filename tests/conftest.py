@@ -9,6 +9,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _CACHE = tempfile.mkdtemp(prefix="divjax-test-jax-cache-")
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ.setdefault("DIVJAX_COMPILATION_CACHE", _CACHE)
+# Compile the tests' programs with LLVM at -O0 (subprocesses too): the tests check what is
+# computed, not how fast, and this takes about a third off the suite's CPU time, most of which
+# is compiling tiny programs. Float results may differ from -O2 in the last bits; every
+# comparison in the tests is within one optimisation level or has a tolerance.
+# DIVJAX_TEST_XLA_OPT=default keeps XLA's default.
+if os.environ.get("DIVJAX_TEST_XLA_OPT", "0") != "default" and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -24,7 +24,13 @@ def run_with(cfg, params=None, n_calls=1, length=40):
   return sim, states
 
 
-@pytest.mark.parametrize("name", sorted(algorithms.REGISTRY))
+# The default run keeps one algorithm of each family (async fragments, async queue, sync);
+# `-m slow` runs them all.
+IDENTICAL_DEFAULT = {"divshare", "swift", "el"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in IDENTICAL_DEFAULT else pytest.mark.slow)
+                                  for n in sorted(algorithms.REGISTRY)])
 def test_identical_models_stay_identical_with_lr_zero(name):
   cfg = tiny_config(f"algorithm={name}", "lr=0", "network.upload_mbps=0.2")
   sim, states = run_with(cfg)
@@ -34,7 +40,8 @@ def test_identical_models_stay_identical_with_lr_zero(name):
 
 
 @pytest.mark.parametrize("name", sorted(algorithms.DOUBLY_STOCHASTIC))
-@pytest.mark.parametrize("topo", ["ring", "torus", "random_ring"])
+@pytest.mark.parametrize("topo", ["ring", pytest.param("torus", marks=pytest.mark.slow),
+                                  pytest.param("random_ring", marks=pytest.mark.slow)])
 def test_doubly_stochastic_mixing_keeps_mean_and_never_grows_consensus(name, topo):
   if name in algorithms.FIXED_TOPOLOGY and topo in topology.RANDOM:
     pytest.skip(f"{name} needs a fixed graph")
@@ -52,7 +59,7 @@ def test_doubly_stochastic_mixing_keeps_mean_and_never_grows_consensus(name, top
   np.testing.assert_allclose(states[-1].params.mean(0), np.asarray(x0.mean(0)), atol=2e-6)
 
 
-@pytest.mark.parametrize("topo, rounds", [("ring", 25), ("torus", 10)])
+@pytest.mark.parametrize("topo, rounds", [("ring", 25), pytest.param("torus", 10, marks=pytest.mark.slow)])
 def test_dpsgd_contraction_matches_second_eigenvalue(topo, rounds):
   n = 16
   cfg = tiny_config("algorithm=dpsgd", f"topology={topo}", "lr=0", f"n_nodes={n}")

@@ -99,7 +99,7 @@ def test_mf_predicts_dot_products():
     pytest.param(3, 2, (12, 12, 1), 0.0, marks=pytest.mark.slow),
     # conv biases large next to the conv outputs' spread: GroupNorm's statistics of conv + bias
     # come from sums over the conv alone
-    (2, 16, (8, 8, 3), 2.0),
+    pytest.param(2, 16, (8, 8, 3), 2.0, marks=pytest.mark.slow),
 ])
 def test_gn_lenet_stacked_matches_vmap(n_nodes, unroll, shape, conv_bias):
   model = models.make_model("gn_lenet", input_shape=shape, unroll=unroll)
@@ -111,6 +111,7 @@ def test_gn_lenet_stacked_matches_vmap(n_nodes, unroll, shape, conv_bias):
   assert_stacked_matches_vmap(model, params, x, y)
 
 
+@pytest.mark.slow
 def test_gn_lenet_vmap_impl_is_the_plain_vmap_and_auto_is_fast_on_cpu():
   vm = models.make_model("gn_lenet", input_shape=(8, 8, 3), impl="vmap")
   fast = models.make_model("gn_lenet", input_shape=(8, 8, 3), impl="fast", unroll=2)

@@ -129,6 +129,7 @@ def test_sigkill_at_random_moments_then_resume_is_identical(tmp_path, env, refer
   _assert_same_run(out, reference)
 
 
+@pytest.mark.slow  # SIGKILL's resume runs by default; this adds the clean stop on a signal
 def test_sigint_and_sigterm_stop_cleanly_with_a_checkpoint_then_resume(tmp_path, env, reference):
   out, log = tmp_path / "run", tmp_path / "run.log"
   for sig, args in ((signal.SIGINT, ["--set", *LONG, "--out", str(out)]),

@@ -69,6 +69,7 @@ def assert_close_records(a, b, rtol=1e-4):
         assert x[k] == y[k], k
 
 
+@pytest.mark.slow  # the default run covers batches through the diverging-point test
 def test_batched_points_equal_points_run_one_after_the_other(two_groups, tmp_path):
   out = tmp_path / "b"
   rc = cli.main(["sweep", "--set", *BASE, "--grid", "algorithm=divshare,adpsgd", "--grid", "seed=0..1",
@@ -156,3 +157,47 @@ def test_parse_grid_product_zip_and_ranges():
       {"network.stragglers.kind": "compute"}, {"network.stragglers.kind": "both"}]
   with pytest.raises(ConfigError, match="given twice"):
     sweep.parse_grid(["lr=1", "lr=2"])
+
+
+def test_a_point_killed_mid_run_continues_from_its_checkpoint(tmp_path):
+  """A crash inside the second point (checkpoints at every boundary: checkpoint_wall_s=0), with
+  records written after its last checkpoint; the resumed sweep continues that point from the
+  checkpoint and ends with the uninterrupted sweep's metrics, and deletes the checkpoints."""
+  pts = sweep.points(None, BASE, sweep.parse_grid(["lr=0.02,0.05"]))
+  whole, _ = sweep.run(pts, tmp_path / "a", progress=False)
+  second = tmp_path / "b" / "points" / pts[1].name
+
+  def crash():
+    lines = (second / "metrics.jsonl").read_text().splitlines() if (second / "metrics.jsonl").exists() else []
+    if len(lines) >= 3:
+      raise RuntimeError("killed")
+    return False
+  with pytest.raises(RuntimeError, match="killed"):
+    sweep.run(pts, tmp_path / "b", progress=False, should_stop=crash, checkpoint_wall_s=0)
+  assert (second / "checkpoints").is_dir() and not (second / "summary.json").exists()
+  with open(second / "metrics.jsonl", "a") as f:   # a record past the checkpoint, then the kill
+    f.write('{"tick": 999}\n')
+  rows_b, info = sweep.run(pts, tmp_path / "b", progress=False)
+  assert list(info["resumed"]) == [pts[1].name] and 0 < info["resumed"][pts[1].name] < pts[1].cfg.n_ticks
+  for p in pts:
+    assert ((tmp_path / "b" / "points" / p.name / "metrics.jsonl").read_bytes()
+            == (tmp_path / "a" / "points" / p.name / "metrics.jsonl").read_bytes())
+  assert not (second / "checkpoints").exists()
+  strip = lambda rs: [{k: v for k, v in r.items() if k not in ("wall_s", "compile_s")} for r in rs]
+  assert strip(rows_b) == strip(whole)
+
+
+def test_checkpoints_are_throttled_by_wall_time_and_written_on_stop():
+  saved, now, stop = [], [0.0], [False]
+  save = sweep.throttled(lambda s, r: saved.append(int(s.tick)), lambda: stop[0], 60.0, end_tick=100,
+                         clock=lambda: now[0])
+  state = lambda t: type("S", (), {"tick": t})
+  for tick, t in ((10, 30.0), (20, 61.0), (30, 90.0), (40, 125.0)):
+    now[0] = t
+    save(state(tick), [{"tick": tick}])
+  assert saved == [20, 40]
+  stop[0] = True
+  save(state(50), [{"tick": 50}])          # stopping: always
+  now[0] = 1e6
+  save(state(100), [{"tick": 100}])        # the end: never
+  assert saved == [20, 40, 50]
