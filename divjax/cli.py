@@ -252,8 +252,10 @@ def _completed(out: Path) -> dict | None:
 
 
 def _status_line(status: str, out: Path, summary: dict) -> str:
+  from divjax import simulate
   final = summary.get("final", {})
-  return (f"{status}: {out}  acc_mean={final.get('acc_mean', float('nan')):.4f}  "
+  key = simulate.headline([final]) if final else "acc_mean"
+  return (f"{status}: {out}  {key}={final.get(key, float('nan')):.4f}  "
           f"time_to_target_s={summary.get('time_to_target_s')}")
 
 

@@ -120,6 +120,18 @@ class DataConfig(_Strict):
   test_size: int = Field(2000, ge=1)
 
 
+class EvalConfig(_Strict):
+  """Cheaper evaluation (divjax.simulate.evaluate); the default evaluates every node on the
+  whole test set, as the paper's numbers need. Records name what was evaluated
+  (`eval_test`, `eval_nodes`) whenever an option is set.
+  test_subsample: a fixed, seeded subset of this many test examples (classification tasks).
+  nodes: a fixed, seeded subset of this many nodes for the per-node metrics (acc_mean, ...);
+    0: only the network-average model (the per-node metrics are null, and the target and the
+    best accuracy read acc_avg_model instead)."""
+  test_subsample: Optional[int] = Field(None, ge=1)
+  nodes: Optional[int] = Field(None, ge=0)
+
+
 class InitConfig(_Strict):
   """Initial models. spread: every node starts from its own random model (seeded by `seed`
   and the node id) instead of one shared model, e.g. for pure-averaging experiments
@@ -181,6 +193,7 @@ class Config(_Strict):
   data: DataConfig = DataConfig()
   init: InitConfig = InitConfig()
   observe: ObserveConfig = ObserveConfig()
+  eval: EvalConfig = EvalConfig()
 
   @property
   def data_seed(self) -> int:
@@ -217,6 +230,11 @@ class Config(_Strict):
       raise ValueError(f"server.cohort: must be <= n_nodes = {self.n_nodes} (got {self.server.cohort})")
     if self.data.classes_per_node > self.data.n_classes:
       raise ValueError(f"data.classes_per_node: must be <= data.n_classes = {self.data.n_classes}")
+    if self.eval.nodes is not None and self.eval.nodes > self.n_nodes:
+      raise ValueError(f"eval.nodes: must be <= n_nodes = {self.n_nodes} (got {self.eval.nodes})")
+    if self.eval.test_subsample is not None and self.task.startswith("movielens"):
+      raise ValueError(f"eval.test_subsample: allowed only for classification tasks (synthetic, cifar10, "
+                       f"mnist); {self.task} tests each node on its own users' ratings")
     self._check_limits()
     return self
 

@@ -143,7 +143,7 @@ class Engine(NamedTuple):
 PARAM_KEYS = ("seed", "lr", "momentum", "network.upload_mbps", "network.download_mbps",
               "network.latency_ms", "network.download_cap", "network.header_bits", "network.stragglers")
 DRIVER_KEYS = ("duration_s", "eval_every_s", "target", "checkpoint_every_s", "memory_limit_gb",
-               "eval_batch", "data.test_size")
+               "eval_batch", "data.test_size", "eval")
 
 
 def static_key(cfg: Config, depth: int) -> str:

@@ -339,6 +339,7 @@ def _data_bytes(cfg: Config, sample_bytes: int) -> tuple[int, int, int]:
     samples, n_test = n * d.samples_per_node, d.test_size
   else:
     samples, n_test = _IMAGES[cfg.task][:2]
+  n_test = min(n_test, cfg.eval.test_subsample or n_test)
   if d.partition in ("kshard", "auto") and cfg.task != "synthetic" or d.partition == "kshard":
     last = samples - (n - 1) * (samples // n)         # data.partition_kshard: the last node's share
     share = d.shards * (last // d.shards)

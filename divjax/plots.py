@@ -26,15 +26,18 @@ def figure(records: list[dict], title: str = "", kind: str = "classification",
   regression = kind == "regression"
   t = [r["time_s"] for r in records]
   fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.8))
-  ax_acc.plot(t, [r["acc_mean"] for r in records], label="mean over nodes")
-  ax_acc.fill_between(t, [r["acc_min"] for r in records], [r["acc_max"] for r in records],
-                      alpha=0.25, label="min-max over nodes")
+  per_node = all(r["acc_mean"] is not None for r in records)  # not with eval.nodes = 0
+  if per_node:
+    ax_acc.plot(t, [r["acc_mean"] for r in records], label="mean over nodes")
+    ax_acc.fill_between(t, [r["acc_min"] for r in records], [r["acc_max"] for r in records],
+                        alpha=0.25, label="min-max over nodes")
   if all(r.get("acc_avg_model") is not None for r in records):
     ax_acc.plot(t, [r["acc_avg_model"] for r in records], "--", label="average model")
   ax_acc.set(xlabel="simulated time (s)",
              ylabel="exact rating rate (rounded prediction)" if regression else "test accuracy")
   ax_acc.legend(loc="lower right", fontsize=8)
-  ax_loss.plot(t, [r["loss_mean"] for r in records], label="mean over nodes")
+  if per_node:
+    ax_loss.plot(t, [r["loss_mean"] for r in records], label="mean over nodes")
   if regression:
     ax_loss.set(xlabel="simulated time (s)", ylabel="test RMSE")
     if baseline:  # tasks.Task.baseline: {"predictor": ..., "loss": its RMSE, ...}

@@ -119,7 +119,8 @@ def structure(cfg: Config) -> str:
 def _task_key(cfg: Config) -> str:
   """What the task (data, partitions, test set, evaluation) depends on."""
   return json.dumps([cfg.task, cfg.model, cfg.hidden, cfg.mf_dim, cfg.mf_offset, cfg.n_nodes,
-                     cfg.data_seed, cfg.eval_batch, cfg.data.model_dump(), cfg.devices], sort_keys=True)
+                     cfg.data_seed, cfg.eval_batch, cfg.data.model_dump(), cfg.eval.test_subsample, cfg.devices],
+                    sort_keys=True)
 
 
 class Group:

@@ -183,10 +183,20 @@ def synthetic(cfg: Config) -> Task:
     parts = partition(cfg, labels)
   x_train = draw(labels)
   y_test = np.arange(d.test_size) % d.n_classes
-  x_test = draw(y_test)
+  x_test, y_test = test_subset(cfg, draw(y_test), y_test)
   model = make_classifier(cfg, input_shape=(d.dim,), n_classes=d.n_classes)
   return classification_task("synthetic", model, x_train, labels, parts, x_test, y_test,
                               n_classes=d.n_classes, eval_batch=cfg.eval_batch)
+
+
+def test_subset(cfg: Config, x_test, y_test):
+  """The test set, or with eval.test_subsample a fixed subset of that many examples drawn from
+  the data seed (in their original order; the whole set if it is not larger)."""
+  k = cfg.eval.test_subsample
+  if k is None or k >= len(y_test):
+    return x_test, y_test
+  keep = np.sort(np.random.default_rng([cfg.data_seed, 0x7E57]).choice(len(y_test), k, replace=False))
+  return x_test[keep], y_test[keep]
 
 
 def partition(cfg: Config, labels: np.ndarray) -> list[np.ndarray]:
@@ -219,15 +229,16 @@ def make_classifier(cfg: Config, *, input_shape, n_classes, default: str = "mlp"
 
 
 def images(cfg: Config) -> Task:
-  """CIFAR-10 or MNIST: every node evaluates on the full test set (PAPER.md 4.2)."""
+  """CIFAR-10 or MNIST: every node evaluates on the full test set (PAPER.md 4.2), or on
+  eval.test_subsample of it."""
   from divjax import data as data_lib
   ds = data_lib.load(cfg.task, cfg.data.dir)
   y_train = np.asarray(ds.y_train).astype(np.int32)
   parts = partition(cfg, y_train)
   model = make_classifier(cfg, input_shape=ds.x_train.shape[1:], n_classes=10,
                           default="gn_lenet" if cfg.task == "cifar10" else "mlp")
-  return classification_task(cfg.task, model, ds.x_train, y_train, parts, ds.x_test,
-                             np.asarray(ds.y_test).astype(np.int32), n_classes=10,
+  x_test, y_test = test_subset(cfg, ds.x_test, np.asarray(ds.y_test).astype(np.int32))
+  return classification_task(cfg.task, model, ds.x_train, y_train, parts, x_test, y_test, n_classes=10,
                              eval_batch=cfg.eval_batch)
 
 
