@@ -1,6 +1,6 @@
 """Wall time of one `divjax sweep` against the same points as separate `divjax run` invocations.
 
-    python3 benchmarks/sweep_speed.py [CONFIG] [--lr 0.01 0.02 0.05 0.1] [--seeds 2] [--set KEY=VALUE ...]
+    python3 benchmarks/sweep_speed.py [CONFIG] [--lr 0.01 0.02 0.05 0.1] [--seeds 2] [--caches off on] [--set KEY=VALUE ...]
     python3 benchmarks/sweep_speed.py [CONFIG] --scaling 1 4 16 [--set ...]
 
 Points: lr x seed. Measured side by side in one script, each variant in fresh processes (so
@@ -49,6 +49,8 @@ def main():
   ap.add_argument("--set", nargs="*", default=[])
   ap.add_argument("--scaling", type=int, nargs="+")
   ap.add_argument("--vmap", type=int)
+  ap.add_argument("--caches", nargs="+", default=["off", "on"], choices=["off", "on"],
+                  help="persistent-cache settings to measure (default both)")
   ap.add_argument("--fold", type=int)
   ap.add_argument("--repeats", type=int, default=2)
   args = ap.parse_args()
@@ -64,7 +66,7 @@ def main():
   results = {}
   with tempfile.TemporaryDirectory() as tmp:
     tmp = Path(tmp)
-    for cache in ("off", "on"):
+    for cache in args.caches:
       env = dict(os.environ, DIVJAX_COMPILATION_CACHE="off" if cache == "off" else str(tmp / "cache"))
       shutil.rmtree(tmp / "cache", ignore_errors=True)
       out = tmp / f"sweep_{cache}"
