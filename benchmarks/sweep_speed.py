@@ -16,6 +16,11 @@ and the time per point.
 other) against --batch S (one vmapped program), alternated, cache off: wall and CPU time
 (user + system of the process), and how far the vmapped points' metrics are from the others.
 
+--ablation: whether padding the static ablations (recipients J in {3, 6, 9, 12}, fragments in
+{1, 2, 10}) into one program could beat one compile per group. One sweep per axis, cache off;
+per point its compile and simulation time. A padded program runs every point at the largest
+shape, so it costs at least (points x the largest point's simulation) + one compile.
+
 --fold S [--repeats 2]: the cost a node-folded sweep could reach. One sweep of S points (seed =
 0..S-1, one after the other) against one `divjax run` of the same config with S x n_nodes
 nodes, alternated, cache off: CPU time of each process. A folded sweep would do the work of the
@@ -52,12 +57,15 @@ def main():
   ap.add_argument("--caches", nargs="+", default=["off", "on"], choices=["off", "on"],
                   help="persistent-cache settings to measure (default both)")
   ap.add_argument("--fold", type=int)
+  ap.add_argument("--ablation", action="store_true")
   ap.add_argument("--repeats", type=int, default=2)
   args = ap.parse_args()
   if args.scaling:
     return scaling(args)
   if args.fold:
     return folded(args)
+  if args.ablation:
+    return ablation(args)
   if args.vmap:
     return vmapped(args)
   py = [sys.executable, "-m", "divjax.cli"]
@@ -180,6 +188,25 @@ def folded(args):
   for k, ts in times.items():
     print(f"| {k} | {', '.join(f'{w:.1f}' for w, _ in ts)} | {', '.join(f'{c:.1f}' for _, c in ts)} | "
           f"{', '.join(f'{x:.1f}' for x in sim_s[k])} | {sum(c for _, c in ts) / base:.2f} |")
+
+
+def ablation(args):
+  import json
+  py = [sys.executable, "-m", "divjax.cli", "sweep", args.config] + (["--set", *args.set] if args.set else [])
+  env = dict(os.environ, DIVJAX_COMPILATION_CACHE="off")
+  print(f"{args.config} {' '.join(args.set)}; cache off; one sweep per axis (one group per value)")
+  print("| axis | values | compile (s), each | simulation (s), each | grouped: sum of both (s) | "
+        "padded, at least: points x largest simulation + largest compile (s) |")
+  print("|---|---|---|---|---|---|")
+  with tempfile.TemporaryDirectory() as tmp:
+    for key, values in (("recipients", "3,6,9,12"), ("fragments", "1,2,10")):
+      out = Path(tmp) / key
+      timed(py + ["--grid", f"{key}={values}", "--out", str(out), "--quiet", "--batch", "1"], env)
+      rows = [json.loads(line) for line in (out / "sweep.jsonl").read_text().splitlines()]
+      comp = [r["compile_s"] for r in rows]
+      sim = [r["wall_s"] - r["compile_s"] for r in rows]
+      print(f"| {key} | {values} | {', '.join(f'{c:.1f}' for c in comp)} | {', '.join(f'{s:.1f}' for s in sim)} | "
+            f"{sum(comp) + sum(sim):.1f} | {len(rows) * max(sim) + max(comp):.1f} |", flush=True)
 
 
 if __name__ == "__main__":

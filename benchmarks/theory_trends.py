@@ -1,6 +1,6 @@
 """Convergence trends of docs/THEORY.md section 2, measured with sweeps and observe.grad_norm.
 
-    python3 benchmarks/theory_trends.py [--config configs/theory_logreg.yaml] [--seeds 3] [--only plateau|decay]
+    python3 benchmarks/theory_trends.py [--config configs/theory_logreg.yaml] [--seeds 3] [--only plateau|decay|divergence|speedup]
 
 plateau: constant step size, ||grad f(xbar)||^2 averaged over the last quarter of the run,
   against lr, recipients J, heterogeneity (classes per node), gradient noise (batch size) and
@@ -9,6 +9,10 @@ divergence: the largest constant lr that does not diverge, against the link late
 decay: eta = c / sqrt(K) for K rounds, (1/T) sum_t ||grad f(xbar_t)||^2 over the whole run,
   against K; the log-log slope (theory: -1/2 once the sqrt(sigma^2 / (n K)) term dominates)
   with a 95% confidence interval from the regression over every seed's point.
+speedup: eta = c / sqrt(K) at a fixed K, the same average against n (--nodes); theory: slope
+  -1/2 once gradient noise dominates (least squares: configs/theory_lsq.yaml, zeta = 0).
+With a least-squares config (task: lsq) the plateau sweeps zeta and the target noise and prints
+each point's exact zeta^2 and sigma^2 (divjax.theory.least_squares_constants).
 """
 
 from __future__ import annotations
@@ -40,17 +44,78 @@ def tail_mean(records: list[dict], frac: float = 0.25) -> float:
   return float(np.mean([r["grad_norm_sq"] for r in ts]))
 
 
+PLATEAU_AXES = {
+    # logistic regression / MLP on the synthetic mixture: heterogeneity is classes per node
+    "synthetic": [("lr", "0.05,0.1,0.2,0.4"), ("recipients", "1,2,6"), ("data.classes_per_node", "1,2,5,10"),
+                  ("batch_size", "2,8,32"), ("network.latency_ms", "1,50,150")],
+    # least squares: zeta and the target noise set zeta^2 and sigma^2, computed exactly
+    "lsq": [("lr", "0.02,0.05,0.1,0.2"), ("recipients", "1,2,6"), ("data.zeta", "0,1,3"),
+            ("data.noise", "0.1,1,3"), ("batch_size", "2,8,32"), ("network.latency_ms", "1,50,150")],
+}
+
+
+def task_of(args) -> str:
+  from divjax import configure
+  return configure.load(args.config, args.set).task
+
+
+def constants(cfg) -> str:
+  """zeta^2 and sigma^2 of a least-squares point (divjax.theory), or '' for other tasks."""
+  if cfg.task != "lsq":
+    return ""
+  from divjax import theory
+  c = theory.least_squares_constants(cfg)
+  return f"{c['zeta2']:.3g} | {c['sigma2']:.3g} | "
+
+
 def plateau(args, tmp: Path) -> None:
-  axes = [("lr", "0.05,0.1,0.2,0.4"), ("recipients", "1,2,6"), ("data.classes_per_node", "1,2,5,10"),
-          ("batch_size", "2,8,32"), ("network.latency_ms", "1,50,150")]
-  print("| swept key | value | plateau of ||grad f(xbar)||^2, mean over seeds | min | max |")
-  print("|---|---|---|---|---|")
-  for key, values in axes:
+  lsq = task_of(args) == "lsq"
+  extra = "zeta^2 | sigma^2 | " if lsq else ""
+  print(f"| swept key | value | {extra}plateau of ||grad f(xbar)||^2, mean over seeds | min | max |")
+  print("|---|---|" + "---|" * (2 if lsq else 0) + "---|---|---|")
+  for key, values in PLATEAU_AXES[task_of(args)]:
     res = run_grid(args.config, [f"{key}={values}", f"seed=0..{args.seeds - 1}"], args.set,
                    tmp / key.replace(".", "_"))
     for v in values.split(","):
-      ys = [tail_mean(r["records"]) for r in res if str(r["values"][key]) == v]
-      print(f"| {key} | {v} | {np.mean(ys):.3g} | {min(ys):.3g} | {max(ys):.3g} |", flush=True)
+      mine = [r for r in res if str(r["values"][key]) == v]
+      ys = [tail_mean(r["records"]) for r in mine]
+      print(f"| {key} | {v} | {constants(mine[0]['cfg'])}{np.mean(ys):.3g} | {min(ys):.3g} | {max(ys):.3g} |",
+            flush=True)
+
+
+def speedup(args, tmp: Path) -> None:
+  """Linear speed-up: eta = c / sqrt(K) for a fixed K, the run-averaged ||grad f(xbar)||^2
+  against n; in the noise-dominated regime theory predicts a log-log slope of -1/2."""
+  import yaml
+  base = yaml.safe_load(Path(args.config).read_text())
+  k = args.rounds
+  round_s = base["local_steps"] * base["network"]["compute_s_per_step"]
+  sets = args.set + [f"duration_s={k * round_s:g}", f"eval_every_s={k * round_s / 20:g}"]
+  lrs = [args.c * n ** args.eta_n / math.sqrt(k) for n in args.nodes]
+  grid = [f"n_nodes={','.join(map(str, args.nodes))}", f"lr={','.join(f'{x:.6g}' for x in lrs)}"]
+  res = [r for s in range(args.seeds) for r in run_grid(args.config, grid, sets + [f"seed={s}"],
+                                                        tmp / f"speedup_{s}", zip_=True)]
+  print(f"K = {k} rounds, eta = {args.c} n^{args.eta_n} / sqrt(K); (1/T) sum_t ||grad f(xbar_t)||^2 over the "
+        f"run's evaluations")
+  print("| n | " + ("zeta^2 | sigma^2 | " if task_of(args) == "lsq" else "") + "average over seeds | per seed |")
+  print("|---|" + ("---|---|" if task_of(args) == "lsq" else "") + "---|---|")
+  xs, ys = [], []
+  for n in args.nodes:
+    mine = [r for r in res if r["values"]["n_nodes"] == n]
+    avgs = [float(np.mean([x["grad_norm_sq"] for x in r["records"][1:]])) for r in mine]
+    xs += [math.log(n)] * len(avgs)
+    ys += [math.log(a) for a in avgs]
+    print(f"| {n} | {constants(mine[0]['cfg'])}{np.mean(avgs):.4g} | {', '.join(f'{a:.4g}' for a in avgs)} |",
+          flush=True)
+  print(slope_line(np.asarray(xs), np.asarray(ys), "theory in the noise-dominated regime: -0.5"))
+
+
+def slope_line(x, y, theory: str) -> str:
+  slope, intercept = np.polyfit(x, y, 1)
+  resid = y - (slope * x + intercept)
+  se = math.sqrt(np.sum(resid ** 2) / (len(x) - 2) / np.sum((x - x.mean()) ** 2))
+  t = t975(len(x) - 2)
+  return f"log-log slope {slope:.3f}, 95% CI [{slope - t * se:.3f}, {slope + t * se:.3f}] ({len(x)} points; {theory})"
 
 
 def decay(args, tmp: Path) -> None:
@@ -77,13 +142,7 @@ def decay(args, tmp: Path) -> None:
   for k in rounds:
     print(f"| {k} | {args.c / math.sqrt(k):.4f} | {np.mean(by_k[k]):.4g} | "
           f"{', '.join(f'{v:.4g}' for v in by_k[k])} |")
-  x, y = np.asarray(xs), np.asarray(ys)
-  slope, intercept = np.polyfit(x, y, 1)
-  resid = y - (slope * x + intercept)
-  se = math.sqrt(np.sum(resid ** 2) / (len(x) - 2) / np.sum((x - x.mean()) ** 2))
-  t = t975(len(x) - 2)
-  print(f"log-log slope {slope:.3f}, 95% CI [{slope - t * se:.3f}, {slope + t * se:.3f}] "
-        f"({len(x)} points; theory: -0.5)")
+  print(slope_line(np.asarray(xs), np.asarray(ys), "theory: -0.5"))
 
 
 # Student's t 97.5% quantiles (two-sided 95%), by degrees of freedom (no scipy dependency)
@@ -119,7 +178,12 @@ def main():
   ap.add_argument("--seeds", type=int, default=3)
   ap.add_argument("--c", type=float, default=1.0, help="eta = c / sqrt(K) in the decay experiment")
   ap.add_argument("--set", nargs="*", default=[])
-  ap.add_argument("--only", choices=["plateau", "decay", "divergence"])
+  ap.add_argument("--only", choices=["plateau", "decay", "divergence", "speedup"])
+  ap.add_argument("--nodes", type=int, nargs="+", default=[4, 8, 16, 32], help="speedup: node counts")
+  ap.add_argument("--rounds", type=int, default=400, help="speedup: rounds K")
+  ap.add_argument("--eta-n", type=float, default=0.0,
+                  help="speedup: eta = c n^a / sqrt(K) (0: PAPER.md 3.3's c / sqrt(T); 0.5: the theorem's "
+                       "sqrt(n / K) scaling)")
   ap.add_argument("--lrs", type=float, nargs="+", default=[0.5, 1, 2, 4, 8, 16, 32],
                   help="divergence: the constant step sizes tried")
   ap.add_argument("--latencies", type=int, nargs="+", default=[1, 50, 150],
@@ -132,6 +196,8 @@ def main():
       decay(args, Path(tmp))
     if args.only in (None, "divergence"):
       divergence(args, Path(tmp))
+    if args.only == "speedup":
+      speedup(args, Path(tmp))
 
 
 if __name__ == "__main__":

@@ -517,6 +517,25 @@ def cmd_theory(args) -> int:
   return EXIT_OK
 
 
+def cmd_constants(args) -> int:
+  """`divjax theory constants`: prints the least-squares task's constants as JSON."""
+  from divjax import config as config_lib, configure, theory
+  try:
+    cfg = configure.load(args.config, args.set or [])
+    if cfg.task != "lsq":
+      raise config_lib.ConfigError(f"task: `divjax theory constants` needs task 'lsq' (got {cfg.task!r})")
+  except config_lib.ConfigError as e:
+    print(f"config error: {e}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+  print(json.dumps(theory.least_squares_constants(cfg), indent=2))
+  return EXIT_OK
+
+
+def constants_doc() -> str:
+  from divjax import theory
+  return theory.least_squares_constants.__doc__
+
+
 def yaml_load(path: Path):
   import yaml
   return yaml.safe_load(Path(path).read_text()) or {}
@@ -614,6 +633,11 @@ def _main(argv) -> int:
   a.add_argument("--force", action="store_true", help="replace an output directory divjax created")
   a.add_argument("--no-cache", action="store_true", help="do not use JAX's persistent compilation cache")
   a.set_defaults(func=cmd_theory)
+  k = tsub.add_parser("constants", help="the least-squares task's exact L, mu, zeta^2, sigma^2 (task: lsq)",
+                      description=constants_doc())
+  k.add_argument("config", nargs="?", help="YAML config file (defaults if omitted)")
+  k.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE", help="dotted overrides")
+  k.set_defaults(func=cmd_constants)
   args = parser.parse_args(argv)
   return args.func(args)
 

@@ -115,9 +115,12 @@ class DataConfig(_Strict):
   dim: int = Field(32, ge=1)
   samples_per_node: int = Field(128, ge=1)
   classes_per_node: int = Field(2, ge=1)
-  noise: float = Field(1.0, gt=0.0)
+  noise: float = Field(1.0, ge=0.0)
   alpha: float = Field(0.5, gt=0.0)
   test_size: int = Field(2000, ge=1)
+  # least squares (task lsq): node i's optimum is x* + zeta * u_i with u_i ~ N(0, I/dim), so
+  # zeta sets the heterogeneity; `noise` is the targets' Gaussian noise (the gradient noise)
+  zeta: float = Field(1.0, ge=0.0)
 
 
 class EvalConfig(_Strict):
@@ -159,9 +162,9 @@ class Config(_Strict):
   batch_size: int = Field(8, ge=1)
   lr: float = Field(0.05, ge=0.0)
   momentum: float = Field(0.0, ge=0.0, lt=1.0)
-  task: Literal["synthetic", "cifar10", "mnist", "movielens-latest-small", "movielens-100k"] = "synthetic"
-  # auto: mlp for synthetic and MNIST, gn_lenet for CIFAR-10, mf for MovieLens
-  model: Literal["auto", "mlp", "logreg", "gn_lenet", "mf"] = "auto"
+  task: Literal["synthetic", "lsq", "cifar10", "mnist", "movielens-latest-small", "movielens-100k"] = "synthetic"
+  # auto: mlp for synthetic and MNIST, gn_lenet for CIFAR-10, mf for MovieLens, linear for lsq
+  model: Literal["auto", "mlp", "logreg", "gn_lenet", "mf", "linear"] = "auto"
   mf_dim: int = Field(20, ge=1)
   # MovieLens: "none" predicts <u, v> (the paper's model); "global_mean" predicts
   # mean_train + <u, v>, a constant of the task, not a parameter (divjax.tasks.movielens says why)
@@ -233,8 +236,11 @@ class Config(_Strict):
     if self.eval.nodes is not None and self.eval.nodes > self.n_nodes:
       raise ValueError(f"eval.nodes: must be <= n_nodes = {self.n_nodes} (got {self.eval.nodes})")
     if self.eval.test_subsample is not None and self.task.startswith("movielens"):
-      raise ValueError(f"eval.test_subsample: allowed only for classification tasks (synthetic, cifar10, "
-                       f"mnist); {self.task} tests each node on its own users' ratings")
+      raise ValueError(f"eval.test_subsample: allowed only for tasks with one test set (synthetic, lsq, "
+                       f"cifar10, mnist); {self.task} tests each node on its own users' ratings")
+    if (self.task == "lsq") != (self.model == "linear") and self.model != "auto":
+      raise ValueError(f"model: task {self.task} cannot use model {self.model!r} (lsq takes linear, "
+                       f"linear takes lsq; auto picks the task's model)")
     self._check_limits()
     return self
 

@@ -130,6 +130,8 @@ def _model_shape(cfg: Config) -> Optional[tuple]:
   if cfg.task == "synthetic":
     return ("mlp" if cfg.model == "auto" else cfg.model, (cfg.data.dim,), tuple(cfg.hidden),
             cfg.data.n_classes)
+  if cfg.task == "lsq":
+    return ("linear", (cfg.data.dim,), (), 1)
   shape = data_lib.image_shape(cfg.task)
   if shape is None:
     return None

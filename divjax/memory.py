@@ -214,6 +214,8 @@ def _model(cfg: Config):
   """(models.Model, loss kind, sample shape, sample dtype) of the config's task, as
   divjax.tasks makes it, from the known data set shapes."""
   from divjax import models, tasks
+  if cfg.task == "lsq":
+    return models.make_model("linear", input_shape=(cfg.data.dim,)), "regression", (cfg.data.dim,), jnp.float32
   if cfg.task == "synthetic":
     shape = (cfg.data.dim,)
     model = tasks.make_classifier(cfg, input_shape=shape, n_classes=cfg.data.n_classes)
@@ -281,7 +283,7 @@ def _model_shapes(cfg: Config):
   # only what the model depends on, so that trying other values of unrelated keys (drivers)
   # reuses the traces; gn_lenet: tasks.make_classifier's unroll depends on the devices
   key = (cfg.task, name, cfg.data.n_classes if cfg.task == "synthetic" else None,
-         cfg.data.dim if cfg.task == "synthetic" else None, tuple(cfg.hidden) if name == "mlp" else None,
+         cfg.data.dim if cfg.task in ("synthetic", "lsq") else None, tuple(cfg.hidden) if name == "mlp" else None,
          cfg.mf_dim if name == "mf" else None,
          name == "gn_lenet" and sharding.device_count(cfg.devices, cfg.n_nodes) > 1)
   if key not in _MODELS:
@@ -335,7 +337,7 @@ def _data_bytes(cfg: Config, sample_bytes: int) -> tuple[int, int, int]:
     train, test = share(_TRAIN_FRAC), share(1 - _TRAIN_FRAC)
     # pairs (R, 2) int32 + ratings float32, parts (N, L) + counts; test: (N, T) pairs, ratings, mask
     return ratings * 12 + n * (train + 1) * 4, n * test * 13, test
-  if cfg.task == "synthetic":
+  if cfg.task in ("synthetic", "lsq"):
     samples, n_test = n * d.samples_per_node, d.test_size
   else:
     samples, n_test = _IMAGES[cfg.task][:2]
@@ -360,7 +362,7 @@ def shapes(cfg: Config, sim=None) -> Shapes:
   train_data, test_data, eval_rows = _data_bytes(cfg, sample_bytes)
   if sim is not None:
     train_data, test_data = _tree_bytes(sim.task.train_data), _tree_bytes(sim.task.test)
-    if sim.task.kind == "regression":
+    if cfg.task in _RATINGS:
       eval_rows = int(sim.task.test[0].shape[1])
   p, sizes, group, train_act, eval_act = _traced(cfg, eval_rows)
   n, f = cfg.n_nodes, proto["frags"]

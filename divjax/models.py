@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-NAMES = ("gn_lenet", "mlp", "logreg", "mf")
+NAMES = ("gn_lenet", "mlp", "logreg", "mf", "linear")
 IMPLS = ("auto", "fast", "vmap")  # how gn_lenet runs N nodes at once (make_model)
 GN_EPS = 1e-5     # PyTorch's GroupNorm default (flax's is 1e-6)
 GN_GROUPS = 2
@@ -111,6 +111,7 @@ def make_model(name: str, *, input_shape=None, hidden=(64,), n_classes: int = 10
     CPU backend, "vmap" elsewhere. Both give the same numbers to float32 rounding.
   mlp, logreg: input_shape (required; inputs are flattened), hidden sizes (mlp), n_classes.
   mf: n_users, n_items (required), dim; inputs are int (B, 2) (user, item) pairs.
+  linear: input_shape (required); prediction <w, x>, no bias (least squares).
   """
   if name == "gn_lenet":
     shape = tuple(input_shape or (32, 32, 3))
@@ -135,6 +136,11 @@ def make_model(name: str, *, input_shape=None, hidden=(64,), n_classes: int = 10
     module = MLP(tuple(hidden) if name == "mlp" else (), n_classes)
     init, apply = _init_apply(module, tuple(input_shape), jnp.float32)
     return Model(init, apply, jax.vmap(apply), "classification")
+  if name == "linear":
+    if input_shape is None:
+      raise ValueError("input_shape: required for linear (the shape of one sample)")
+    init, apply = _init_apply(Linear(), tuple(input_shape), jnp.float32)
+    return Model(init, apply, jax.vmap(apply), "regression")
   if name == "mf":
     if n_users is None or n_items is None:
       raise ValueError("n_users, n_items: both required for mf")
@@ -194,6 +200,14 @@ class MLP(nn.Module):
     for h in self.hidden:
       x = nn.relu(nn.Dense(h)(x))
     return nn.Dense(self.n_classes)(x)
+
+
+class Linear(nn.Module):
+  """Linear regression without bias: prediction = <w, x> (the least-squares task)."""
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(1, use_bias=False)(x.reshape((x.shape[0], -1)))[:, 0]
 
 
 class MF(nn.Module):

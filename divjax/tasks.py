@@ -242,6 +242,53 @@ def images(cfg: Config) -> Task:
                              eval_batch=cfg.eval_batch)
 
 
+def least_squares(cfg: Config) -> Task:
+  """Heterogeneous least squares with known constants (PAPER.md 3.3), generated from the seed.
+
+  Node i's samples are a ~ N(0, I_dim) with targets b = <a, x_i> + noise * N(0, 1), where
+  x_i = x* + zeta * u_i, x* ~ N(0, I/dim) and u_i ~ N(0, I/dim): `data.zeta` sets how far
+  apart the node optima are (heterogeneity zeta^2), `data.noise` the gradient noise (sigma^2).
+  f_i(x) = (1/2m) ||A_i x - b_i||^2 is node i's mean training loss. The test set is drawn the
+  same way around x*. Reported `loss` is half the test MSE, `acc` its R^2 (1 - SSE / SST);
+  `baseline` is the exact least-squares optimum of the training objective (its test loss), so
+  a plot shows how close the network gets. divjax.theory.least_squares_constants computes L,
+  mu, zeta^2 and sigma^2 exactly from the same arrays.
+  """
+  d = cfg.data
+  rng = np.random.default_rng([cfg.data_seed, 0x15A5])
+  x_star = rng.normal(size=d.dim) / np.sqrt(d.dim)
+  optima = x_star + d.zeta * rng.normal(size=(cfg.n_nodes, d.dim)) / np.sqrt(d.dim)
+  m = d.samples_per_node
+  a = rng.normal(size=(cfg.n_nodes, m, d.dim))
+  b = np.einsum("nmd,nd->nm", a, optima) + d.noise * rng.normal(size=(cfg.n_nodes, m))
+  a_test = rng.normal(size=(d.test_size, d.dim))
+  b_test = a_test @ x_star + d.noise * rng.normal(size=d.test_size)
+  a_test, b_test = test_subset(cfg, a_test, b_test)
+  model = models.make_model("linear", input_shape=(d.dim,))
+  template = model.init(jax.random.key(0))
+  _, unravel = ravel_pytree(template)
+
+  def loss_tree(tree, x, y):
+    return 0.5 * jnp.mean((model.apply_stacked(tree, x) - y) ** 2, axis=-1)
+
+  def evaluate(p, test):
+    xt, yt, valid = test
+    sse = jnp.sum(jnp.where(valid, (p @ xt.T - yt) ** 2, 0.0), axis=-1)             # (N,)
+    count = jnp.sum(valid)
+    sst = jnp.sum(jnp.where(valid, (yt - jnp.sum(yt * valid) / count) ** 2, 0.0))
+    return {"acc": 1.0 - sse / sst, "loss": 0.5 * sse / count}
+
+  x_opt = np.linalg.lstsq(a.reshape(-1, d.dim), b.reshape(-1), rcond=None)[0]
+  baseline = {"predictor": "least-squares optimum", "loss": float(0.5 * np.mean((a_test @ x_opt - b_test) ** 2))}
+  parts = np.arange(cfg.n_nodes * m, dtype=np.int32).reshape(cfg.n_nodes, m)
+  f32 = lambda v: jnp.asarray(v, jnp.float32)
+  return Task(name="lsq", kind="regression", n_params=d.dim, tensor_sizes=[d.dim],
+              init_flat=lambda k: ravel_pytree(model.init(k))[0], unravel=unravel, loss_tree=loss_tree,
+              eval_fn=jax.jit(evaluate), test=(f32(a_test), f32(b_test), jnp.ones(len(b_test), bool)),
+              x_train=f32(a.reshape(-1, d.dim)), y_train=f32(b.reshape(-1)), parts=jnp.asarray(parts),
+              counts=jnp.full((cfg.n_nodes,), m, jnp.int32), baseline=baseline)
+
+
 MF_OFFSETS = ("none", "global_mean")
 
 
@@ -343,7 +390,7 @@ def movielens(cfg: Config, *, offset: Optional[str] = None) -> Task:
               baseline=baseline | {"offset": offset})
 
 
-BUILDERS = {"synthetic": synthetic, "cifar10": images, "mnist": images,
+BUILDERS = {"synthetic": synthetic, "lsq": least_squares, "cifar10": images, "mnist": images,
             "movielens-latest-small": movielens, "movielens-100k": movielens}
 
 

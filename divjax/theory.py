@@ -288,3 +288,35 @@ def plot(result: dict, path) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def least_squares_constants(cfg: Config) -> dict:
+  """The exact constants of the least-squares task (tasks.least_squares), in float64 from the
+  arrays the run trains on. With H_i = A_i^T A_i / m and x_hat the minimiser of
+  f = (1/n) sum_i f_i:
+    L        max_i lambda_max(H_i): every f_i is L-smooth;
+    L_f, mu  lambda_max and lambda_min of (1/n) sum_i H_i: f's smoothness and strong convexity;
+    zeta2    (1/n) sum_i ||grad f_i(x_hat)||^2: the heterogeneity at the optimum;
+    sigma2   (1/n) sum_i E ||g - grad f_i(x_hat)||^2 for a minibatch gradient g of batch_size
+             samples drawn with replacement (as divjax.sampling does): the per-sample variance
+             divided by the batch size (sigma2_sample before dividing);
+    f_min    f(x_hat).
+  """
+  from divjax import tasks
+  if cfg.task != "lsq":
+    raise ValueError(f"task: least-squares constants need task 'lsq' (got {cfg.task!r})")
+  t = tasks.least_squares(cfg)
+  n, m, d = cfg.n_nodes, cfg.data.samples_per_node, cfg.data.dim
+  a = np.asarray(t.x_train, np.float64).reshape(n, m, d)
+  b = np.asarray(t.y_train, np.float64).reshape(n, m)
+  h = np.einsum("nmd,nme->nde", a, a) / m
+  x_hat = np.linalg.solve(h.mean(0), np.einsum("nmd,nm->d", a, b) / (n * m))
+  resid = np.einsum("nmd,d->nm", a, x_hat) - b                                     # (n, m)
+  per_sample = a * resid[..., None]                                                 # (n, m, d)
+  grads = per_sample.mean(1)                                                        # grad f_i(x_hat)
+  var = np.mean(np.sum((per_sample - grads[:, None]) ** 2, -1))
+  eig = np.linalg.eigvalsh(h.mean(0))
+  return {"L": float(max(np.linalg.eigvalsh(h_i)[-1] for h_i in h)), "L_f": float(eig[-1]),
+          "mu": float(eig[0]), "zeta2": float(np.mean(np.sum(grads ** 2, -1))),
+          "sigma2": float(var / cfg.batch_size), "sigma2_sample": float(var),
+          "f_min": float(0.5 * np.mean(resid ** 2)), "x_hat_norm": float(np.linalg.norm(x_hat))}

@@ -131,7 +131,7 @@ KNOWN_BAD = [
     # data
     ("data.dir", "/nonexistent/divjax-data"), ("data.dir", True), ("data.partition", "random"),
     ("data.shards", 0), ("data.n_classes", 1), ("data.classes_per_node", 11), ("data.alpha", 0),
-    ("data.noise", 0), ("data.noise", NAN), ("data.dim", True), ("data.test_size", 0),
+    ("data.noise", -1), ("data.noise", NAN), ("data.dim", True), ("data.test_size", 0),
     # unknown keys, and values where a section belongs
     ("bogus", 1), ("network.bogus", 1), ("data.bogus", 1), ("network.stragglers.bogus", 1),
     ("server.bogus", 1), ("network", 5), ("data", [1]), ("network.stragglers", "slow"),

@@ -65,7 +65,7 @@ def test_average_model_only_run_writes_its_outputs(tmp_path):
 @pytest.mark.parametrize("sets, needle", [
     (["eval.nodes=7"], "eval.nodes: must be <= n_nodes = 6"),
     (["eval.test_subsample=0"], "eval.test_subsample"),
-    (["task=movielens-100k", "eval.test_subsample=10"], "eval.test_subsample: allowed only for classification"),
+    (["task=movielens-100k", "eval.test_subsample=10"], "eval.test_subsample: allowed only for tasks with one test set"),
 ])
 def test_bad_evaluation_options_are_refused(tmp_path, capsys, sets, needle):
   out = tmp_path / "r"
