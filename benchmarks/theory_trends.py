@@ -50,7 +50,9 @@ PLATEAU_AXES = {
                   ("batch_size", "2,8,32"), ("network.latency_ms", "1,50,150")],
     # least squares: zeta and the target noise set zeta^2 and sigma^2, computed exactly
     "lsq": [("lr", "0.02,0.05,0.1,0.2"), ("recipients", "1,2,6"), ("data.zeta", "0,1,3"),
-            ("data.noise", "0.1,1,3"), ("batch_size", "2,8,32"), ("network.latency_ms", "1,50,150")],
+            ("data.noise", "0.1,1,3"), ("batch_size", "2,8,32"), ("network.latency_ms", "1,50,150"),
+            # q < 1: links too slow for all of a round's J model-sized messages (PAPER.md 4.8)
+            ("network.upload_mbps", "100,0.04,0.02")],
 }
 
 
@@ -74,6 +76,8 @@ def plateau(args, tmp: Path) -> None:
   print(f"| swept key | value | {extra}plateau of ||grad f(xbar)||^2, mean over seeds | min | max |")
   print("|---|---|" + "---|" * (2 if lsq else 0) + "---|---|---|")
   for key, values in PLATEAU_AXES[task_of(args)]:
+    if args.axes and key not in args.axes:
+      continue
     res = run_grid(args.config, [f"{key}={values}", f"seed=0..{args.seeds - 1}"], args.set,
                    tmp / key.replace(".", "_"))
     for v in values.split(","):
@@ -180,6 +184,7 @@ def main():
   ap.add_argument("--set", nargs="*", default=[])
   ap.add_argument("--only", choices=["plateau", "decay", "divergence", "speedup"])
   ap.add_argument("--nodes", type=int, nargs="+", default=[4, 8, 16, 32], help="speedup: node counts")
+  ap.add_argument("--axes", nargs="+", help="plateau: only these swept keys")
   ap.add_argument("--rounds", type=int, default=400, help="speedup: rounds K")
   ap.add_argument("--eta-n", type=float, default=0.0,
                   help="speedup: eta = c n^a / sqrt(K) (0: PAPER.md 3.3's c / sqrt(T); 0.5: the theorem's "

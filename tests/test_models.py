@@ -196,6 +196,7 @@ def test_bad_names_and_arguments():
     models.make_model("gn_lenet", input_shape=(784,))
 
 
+@pytest.mark.slow  # evaluation through apply_shared is checked in test_tasks (grouped evaluation)
 def test_apply_shared_matches_vmap_over_params():
   """Evaluation's path: every node's model on one shared batch."""
   model = models.make_model("gn_lenet", input_shape=(8, 8, 3))

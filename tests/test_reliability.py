@@ -251,6 +251,7 @@ def test_checkpoint_interval_chunking_and_resume_change_no_number(tmp_path, refe
   assert records == want_records[:-1] and strip(new[-1]) == strip(want_records[-1])
 
 
+@pytest.mark.slow
 def test_a_checkpoint_resumes_on_another_device_count(tmp_path, reference):
   """`devices: auto` may resolve differently on the machine that resumes: the unsharded
   reference's checkpoint, resumed on 3 devices (6 nodes, 4 test devices), ends with the same
