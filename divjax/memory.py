@@ -371,15 +371,17 @@ def shapes(cfg: Config, sim=None) -> Shapes:
   depth = 0 if proto["sync"] else ring_depth(cfg, proto["flush"])
   if sim is not None and not proto["sync"]:
     depth, width = int(sim.engine.depth), int(sim.engine.frags.width)
-  # Training keeps about one node's activations alive per node, even for models
-  # differentiated a group at a time (models.map_groups: measured with XLA:CPU, GN-LeNet);
-  # evaluation runs `group` models side by side, or all it evaluates together.
+  # Training keeps the activations of the nodes differentiated together alive: all N, or one
+  # group of a model that sets a group size (models.map_groups' lax.map frees each group's
+  # before the next; XLA:CPU's memory analysis of a GN-LeNet chunk, group 16, grows by about
+  # 2.4 MB per node from N = 64 to 256, while one node's activations are 6.4 MB). Evaluation
+  # runs `group` models side by side, or all it evaluates together.
   evaluated = n if cfg.task in _RATINGS else _eval_models(n)
   return Shapes(
       n=n, p=p, opt=p if cfg.momentum > 0 else 0, depth=depth, frags=0 if proto["sync"] else f,
       width=0 if proto["sync"] else width, messages=proto["messages"], replies=proto["replies"],
       store=proto["store"], routes=proto["routes"], edges=proto["edges"],
-      batch=n * cfg.batch_size * (sample_bytes + 4), train_act=train_act * n,
+      batch=n * cfg.batch_size * (sample_bytes + 4), train_act=train_act * min(n, group or n),
       eval_models=evaluated, eval_act=eval_act * min(evaluated, group or evaluated),
       train_data=train_data, test_data=test_data,
       versions=depth + 1 if cfg.observe.versions != "off" and not proto["sync"] else 0)

@@ -13,6 +13,7 @@ GN-LeNet (divjax/memory.py); the cases below are tiny, so that each compiles in 
 
 import time
 import tracemalloc
+from pathlib import Path
 
 import jax
 import pytest
@@ -127,3 +128,20 @@ def test_estimate_is_within_the_stated_factor_of_xla(case):
   sim = simulate.build(cfg)
   ratio = memory.parts(memory.shapes(cfg))["total"] / xla_bytes(sim)
   assert 0.75 <= ratio <= 1.5, f"{case}: estimate / XLA = {ratio:.2f}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [64, 256])
+def test_grouped_training_keeps_one_groups_activations(n):
+  """GN-LeNet on a CPU is differentiated 16 nodes at a time (models.map_groups): training's
+  activations are one group's, not N nodes' (the estimate was 3x too high at N = 1,024)."""
+  data = Path(__file__).resolve().parents[2] / "shared" / "data"
+  if not (data / "mnist.npz").exists():
+    pytest.skip("needs ../shared/data/mnist.npz")
+  cfg = tiny_config("task=mnist", "model=gn_lenet", f"n_nodes={n}", "batch_size=32", "local_steps=4",
+                    f"data.dir={data}", "eval_batch=32", "eval.test_subsample=256", "memory_limit_gb=1000")
+  sim = simulate.build(cfg)
+  parts = memory.parts(memory.shapes(cfg))
+  assert parts["training"] > parts["evaluation"]          # training is what the total measures here
+  ratio = parts["total"] / xla_bytes(sim)
+  assert 0.75 <= ratio <= 1.5, f"n = {n}: estimate / XLA = {ratio:.2f}"
