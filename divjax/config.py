@@ -181,6 +181,10 @@ class Config(_Strict):
   # for flushing algorithms, and 8 rounds of backlog for the others.
   ring_depth: int = Field(0, ge=0)
   eval_batch: int = Field(1024, ge=1)
+  # Nodes differentiated together in a local step (a lax.map over blocks of this many, each
+  # vmapped; models.map_groups): bounds training activations to one block's. None: the
+  # model's own (GN-LeNet on a CPU: 16; otherwise all nodes at once). Same results.
+  train_block: Optional[int] = Field(None, ge=1)
   # Checkpoints (divjax.checkpoint), in simulated seconds, rounded up to evaluation boundaries.
   # None: about every 5% of duration_s; 0: only the final one (and on Ctrl-C / SIGTERM).
   checkpoint_every_s: Optional[float] = Field(None, ge=0.0)

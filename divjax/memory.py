@@ -381,7 +381,7 @@ def shapes(cfg: Config, sim=None) -> Shapes:
       n=n, p=p, opt=p if cfg.momentum > 0 else 0, depth=depth, frags=0 if proto["sync"] else f,
       width=0 if proto["sync"] else width, messages=proto["messages"], replies=proto["replies"],
       store=proto["store"], routes=proto["routes"], edges=proto["edges"],
-      batch=n * cfg.batch_size * (sample_bytes + 4), train_act=train_act * min(n, group or n),
+      batch=n * cfg.batch_size * (sample_bytes + 4), train_act=train_act * min(n, cfg.train_block or group or n),
       eval_models=evaluated, eval_act=eval_act * min(evaluated, group or evaluated),
       train_data=train_data, test_data=test_data,
       versions=depth + 1 if cfg.observe.versions != "off" and not proto["sync"] else 0)
@@ -543,6 +543,9 @@ def _verdict(cfg: Config, p: dict[str, int], depth: int, device) -> dict[str, An
     advice = f"Reduce {key}"
   else:
     cause, advice = "with none of the keys that size it above its default", "Reduce n_nodes or the model"
+  if part == "training" and min(cfg.n_nodes, cfg.train_block or cfg.n_nodes) > 16:
+    advice = ("Set train_block (e.g. train_block=16: the nodes are differentiated 16 at a time, with the "
+              "same results and one block's activations)")
   raise TooLarge(
       f"memory: this run needs about {_gb(total)} ({big}), more than the {_gb(limit)} allowed ({source}). "
       f"The largest part is {_PARTS[part]}: {_gb(size)}, {cause}. {advice}, or set memory_limit_gb to "

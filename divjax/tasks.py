@@ -395,4 +395,5 @@ BUILDERS = {"synthetic": synthetic, "lsq": least_squares, "cifar10": images, "mn
 
 
 def build(cfg: Config) -> Task:
-  return BUILDERS[cfg.task](cfg)
+  task = BUILDERS[cfg.task](cfg)
+  return task if cfg.train_block is None else task._replace(group=cfg.train_block)

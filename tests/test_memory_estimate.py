@@ -145,3 +145,18 @@ def test_grouped_training_keeps_one_groups_activations(n):
   assert parts["training"] > parts["evaluation"]          # training is what the total measures here
   ratio = parts["total"] / xla_bytes(sim)
   assert 0.75 <= ratio <= 1.5, f"n = {n}: estimate / XLA = {ratio:.2f}"
+
+
+def test_train_block_gives_the_same_run_with_one_blocks_activations(tiny):
+  """Nodes differentiated 4 at a time (a lax.map over blocks, 6 = 4 + 2 left over) train
+  exactly as all at once; the estimate counts one block's activations."""
+  from divjax import simulate
+  whole, _ = simulate.run(tiny("duration_s=0.2"))
+  blocks, _ = simulate.run(tiny("duration_s=0.2", "train_block=4"))
+  for k, v in whole["final"].items():
+    assert blocks["final"][k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
+  big = ["n_nodes=256", "hidden=[512]", "batch_size=512", "memory_limit_gb=1000"]   # activations dominate
+  all_at_once, by_16 = (memory.shapes(tiny(*big, *b)) for b in ([], ["train_block=16"]))
+  assert all_at_once.train_act == 256 // 16 * by_16.train_act > 0
+  with pytest.raises(memory.TooLarge, match="Set train_block"):
+    memory.precheck(tiny(*big[:-1], "memory_limit_gb=0.5"))
