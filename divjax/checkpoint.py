@@ -125,7 +125,17 @@ def _config_differences(was, now, prefix="") -> list[str]:
   return [] if was == now else [f"{prefix[:-1]} (checkpoint: {was!r}, config.yaml: {now!r})"]
 
 
+def _with_defaults(was, defaults):
+  """`was` with the keys it lacks taken from `defaults`: a checkpoint written before a config
+  key existed was run as that key's default."""
+  if not (isinstance(was, dict) and isinstance(defaults, dict)):
+    return was
+  return {**defaults, **{k: _with_defaults(v, defaults.get(k)) for k, v in was.items()}}
+
+
 def _check_config(where: str, was: dict, now: dict) -> None:
+  from divjax import config as config_lib
+  was = _with_defaults(was, config_lib.to_dict(config_lib.Config()))
   # A longer duration_s only moves the end of the run (`divjax run --resume DIR --set
   # duration_s=T`): nothing simulated up to the checkpoint depends on it.
   if isinstance(was.get("duration_s"), (int, float)) and now.get("duration_s", 0) >= was["duration_s"]:

@@ -151,3 +151,14 @@ def test_a_full_disk_while_checkpointing_fails_in_one_line(tmp_path, capsys, cap
   assert summary["status"] == "failed" and "File too large" in summary["error"]
   records = (out / "metrics.jsonl").read_text().splitlines()
   assert len(records) >= 2 and summary["final"] == json.loads(records[-1])
+
+
+def test_a_checkpoint_from_before_a_key_existed_resumes_at_its_default():
+  """Config keys added later (eval, train_block, data.zeta) were their defaults in older runs."""
+  from divjax.checkpoint import ConfigMismatch, _check_config
+  now = config.to_dict(tiny_config())
+  old = {k: v for k, v in now.items() if k not in ("eval", "train_block")}
+  old["data"] = {k: v for k, v in now["data"].items() if k != "zeta"}
+  _check_config("ckpt", old, now)                                  # no mismatch
+  with pytest.raises(ConfigMismatch, match="train_block"):
+    _check_config("ckpt", old, config.to_dict(tiny_config("train_block=2")))
