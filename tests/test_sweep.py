@@ -93,7 +93,7 @@ def test_bad_batch_is_refused(tmp_path, capsys):
   assert "--batch" in capsys.readouterr().err and not out.exists()
 
 
-@pytest.mark.parametrize("batch", ["1", "2"])
+@pytest.mark.parametrize("batch", [pytest.param("1", marks=pytest.mark.slow), "2"])  # 2: both paths
 def test_a_diverging_point_does_not_change_the_others(tmp_path, batch):
   out = tmp_path / "s"
   assert sweep_cli(tmp_path, "--grid", "lr=0.05,1e30", "--out", str(out), "--batch", batch) == 0
