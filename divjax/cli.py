@@ -634,7 +634,7 @@ def _main(argv) -> int:
   a.add_argument("--no-cache", action="store_true", help="do not use JAX's persistent compilation cache")
   a.set_defaults(func=cmd_theory)
   k = tsub.add_parser("constants", help="the least-squares task's exact L, mu, zeta^2, sigma^2 (task: lsq)",
-                      description=constants_doc())
+                      description=constants_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
   k.add_argument("config", nargs="?", help="YAML config file (defaults if omitted)")
   k.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE", help="dotted overrides")
   k.set_defaults(func=cmd_constants)
