@@ -543,15 +543,28 @@ def _verdict(cfg: Config, p: dict[str, int], depth: int, device) -> dict[str, An
     advice = f"Reduce {key}"
   else:
     cause, advice = "with none of the keys that size it above its default", "Reduce n_nodes or the model"
-  if part == "training" and min(cfg.n_nodes, cfg.train_block or cfg.n_nodes) > 16:
-    advice = ("Set train_block (e.g. train_block=16: the nodes are differentiated 16 at a time, with the "
-              "same results and one block's activations)")
+  block = fitting_block(cfg, limit) if part == "training" else None
+  if block is not None:
+    advice = (f"Set train_block={block} (the nodes are differentiated {block} at a time, with the same "
+              f"results; the estimate then fits)")
   raise TooLarge(
       f"memory: this run needs about {_gb(total)} ({big}), more than the {_gb(limit)} allowed ({source}). "
       f"The largest part is {_PARTS[part]}: {_gb(size)}, {cause}. {advice}, or set memory_limit_gb to "
       f"override the limit. (Sizes now: n_nodes = {cfg.n_nodes}, ring_depth D = {depth}"
       f"{' (automatic)' if cfg.ring_depth == 0 and depth else ''}, fragments = {cfg.fragments}, "
       f"eval_batch = {cfg.eval_batch}.)")
+
+
+def fitting_block(cfg: Config, limit: int) -> Optional[int]:
+  """The largest train_block (a power of two below the nodes trained together now) whose
+  estimate fits in `limit` bytes, or None if none does."""
+  now = min(cfg.n_nodes, cfg.train_block or _model_shapes(cfg)[1][0].group or cfg.n_nodes)
+  block = 1 << max(0, (now - 1).bit_length() - 1)     # the largest power of two below `now`
+  while block >= 1:
+    if block < now and parts(shapes(cfg.model_copy(update={"train_block": block})))["total"] <= limit:
+      return block
+    block //= 2
+  return None
 
 
 def precheck(cfg: Config, device=None) -> dict[str, Any]:

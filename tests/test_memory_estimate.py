@@ -158,5 +158,9 @@ def test_train_block_gives_the_same_run_with_one_blocks_activations(tiny):
   big = ["n_nodes=256", "hidden=[512]", "batch_size=512", "memory_limit_gb=1000"]   # activations dominate
   all_at_once, by_16 = (memory.shapes(tiny(*big, *b)) for b in ([], ["train_block=16"]))
   assert all_at_once.train_act == 256 // 16 * by_16.train_act > 0
-  with pytest.raises(memory.TooLarge, match="Set train_block"):
+  with pytest.raises(memory.TooLarge, match="Set train_block=") as refused:
     memory.precheck(tiny(*big[:-1], "memory_limit_gb=0.5"))
+  block = int(str(refused.value).split("train_block=")[1].split()[0])
+  assert memory.precheck(tiny(*big[:-1], "memory_limit_gb=0.5", f"train_block={block}"))  # it fits
+  with pytest.raises(memory.TooLarge):
+    memory.precheck(tiny(*big[:-1], "memory_limit_gb=0.5", f"train_block={2 * block}"))   # the largest
