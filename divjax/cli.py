@@ -279,6 +279,11 @@ def _run(args, hold, stop, out: Path, cfg, resuming: bool, extend: bool, unique:
   sharding.request_cpu_devices(cfg.devices, cfg.n_nodes)  # before anything starts the backend
   compilation_cache(args.no_cache)
   try:
+    blocked = memory.blocked_if_needed(cfg)  # training too big for memory: nodes in blocks
+    if blocked is not cfg:
+      print(f"memory: training all {cfg.n_nodes} nodes at once does not fit; they are differentiated "
+            f"{blocked.train_block} at a time (train_block={blocked.train_block}, same results)", file=sys.stderr)
+      cfg = blocked
     memory.precheck(cfg)     # from the config alone: refuses a run too large before building data
     sim = simulate.build(cfg)
     mem = memory.check(sim)  # with the real data sizes, before compiling or writing anything

@@ -567,6 +567,25 @@ def fitting_block(cfg: Config, limit: int) -> Optional[int]:
   return None
 
 
+def blocked_if_needed(cfg: Config, device=None) -> Config:
+  """`cfg`, or, when it sets no train_block and does not fit only because of its training
+  activations, `cfg` with the largest train_block that fits (the same results; `divjax run`
+  says so and writes it into config.yaml, so a resume trains the same way)."""
+  if cfg.train_block is not None:
+    return cfg
+  try:
+    precheck(cfg, device)
+    return cfg
+  except TooLarge:
+    pass
+  limit = int(cfg.memory_limit_gb * GB) if cfg.memory_limit_gb is not None else device_limit(device)[0]
+  p = parts(shapes(cfg))
+  if limit is None or _largest_part({k: v for k, v in p.items() if k != "total"})[0] != "training":
+    return cfg
+  block = fitting_block(cfg, limit)
+  return cfg if block is None else cfg.model_copy(update={"train_block": block})
+
+
 def precheck(cfg: Config, device=None) -> dict[str, Any]:
   """The memory check from the config alone, before any data, table or array is built.
 

@@ -164,3 +164,17 @@ def test_train_block_gives_the_same_run_with_one_blocks_activations(tiny):
   assert memory.precheck(tiny(*big[:-1], "memory_limit_gb=0.5", f"train_block={block}"))  # it fits
   with pytest.raises(memory.TooLarge):
     memory.precheck(tiny(*big[:-1], "memory_limit_gb=0.5", f"train_block={2 * block}"))   # the largest
+
+
+def test_a_run_whose_training_does_not_fit_trains_in_blocks(tiny, tmp_path, capsys):
+  import yaml
+  from divjax import cli
+  from conftest import TINY
+  big = ["n_nodes=256", "hidden=[512]", "batch_size=512", "duration_s=0.04", "local_steps=4", "eval_every_s=0.04"]
+  total = lambda *b: memory.parts(memory.shapes(tiny(*big, "memory_limit_gb=1000", *b)))["total"]
+  limit = (total() + total("train_block=16")) / 2 / 1e9      # all at once does not fit, 16 at a time does
+  out = tmp_path / "r"
+  assert cli.main(["run", "--set", *TINY, *big, f"memory_limit_gb={limit}", "--out", str(out), "--quiet"]) == 0
+  block = yaml.safe_load((out / "config.yaml").read_text())["train_block"]
+  assert 16 <= block < 256
+  assert f"differentiated {block} at a time" in capsys.readouterr().err
