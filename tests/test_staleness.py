@@ -28,6 +28,7 @@ def test_fit_recovers_a_line():
   assert staleness.fit(x, [1.0, 3.0, 2.0, 4.0])["r2"] < 0.9
 
 
+@pytest.mark.slow  # the observer itself is checked against the reference in test_versions
 def test_direct_ages_grow_like_n(tmp_path, capsys):
   out = tmp_path / "s"
   rc = cli.main(["theory", "staleness", "--set", *TINY, "--nodes", "6", "12", "--rounds", "20",
