@@ -521,12 +521,16 @@ def _part_bytes(p: dict[str, int], part: str) -> int:
   return p[part] + (p["ring_update"] if part == "ring" else 0)
 
 
+def _limit(cfg: Config, device) -> tuple[Optional[int], str]:
+  """(bytes the run may use, where that comes from): memory_limit_gb, else the device's."""
+  if cfg.memory_limit_gb is not None:
+    return int(cfg.memory_limit_gb * GB), "memory_limit_gb"
+  return device_limit(device)
+
+
 def _verdict(cfg: Config, p: dict[str, int], depth: int, device) -> dict[str, Any]:
   total = p.pop("total")
-  if cfg.memory_limit_gb is not None:
-    limit, source = int(cfg.memory_limit_gb * GB), "memory_limit_gb"
-  else:
-    limit, source = device_limit(device)
+  limit, source = _limit(cfg, device)
   info = {"estimate_bytes": total, "parts": p, "limit_bytes": limit, "limit_source": source}
   if limit is None or total <= limit:
     return info
@@ -573,14 +577,10 @@ def blocked_if_needed(cfg: Config, device=None) -> Config:
   says so and writes it into config.yaml, so a resume trains the same way)."""
   if cfg.train_block is not None:
     return cfg
-  try:
-    precheck(cfg, device)
-    return cfg
-  except TooLarge:
-    pass
-  limit = int(cfg.memory_limit_gb * GB) if cfg.memory_limit_gb is not None else device_limit(device)[0]
+  limit, _ = _limit(cfg, device)
   p = parts(shapes(cfg))
-  if limit is None or _largest_part({k: v for k, v in p.items() if k != "total"})[0] != "training":
+  total = p.pop("total")
+  if limit is None or total <= limit or _largest_part(p)[0] != "training":
     return cfg
   block = fitting_block(cfg, limit)
   return cfg if block is None else cfg.model_copy(update={"train_block": block})
