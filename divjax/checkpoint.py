@@ -47,6 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from divjax import sharding
+
 SUBDIR = "checkpoints"
 CORRUPT_SUBDIR = "checkpoints-corrupt"  # where a resume moves corrupt checkpoints it skipped
 FORMAT = 1  # of `checksums`
@@ -78,7 +80,7 @@ def _leaf_names(tree) -> list[str]:
 
 def flatten(state) -> dict[str, np.ndarray]:
   """The state's non-empty arrays on the host, by name: what a checkpoint stores."""
-  leaves = jax.tree.leaves(jax.device_get(state))
+  leaves = jax.tree.leaves(sharding.to_host(state))
   return {k: np.asarray(v) for k, v in zip(_leaf_names(state), leaves) if np.size(v)}
 
 
@@ -192,9 +194,18 @@ def _manager(directory: Path, writer: bool = True, keep: Optional[int] = 2):
   import orbax.checkpoint as ocp  # heavy import, only when checkpoints are used
   # A reader neither creates, deletes nor cleans up anything (orbax's read_only mode does the
   # same, with warnings).
+  # In a multi-process run (divjax.multihost) each process has a manager of its own, over
+  # itself only: process 0 writes the gathered state alone, the others only read on --resume,
+  # and neither waits for the other inside orbax.
+  alone = {}
+  if jax.process_count() > 1:
+    me = jax.process_index()
+    alone = dict(multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))
+    if writer:  # orbax does not create it for a manager over a subset of the processes
+      directory.mkdir(parents=True, exist_ok=True)
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep if writer else None, create=writer,
-      enable_async_checkpointing=False, cleanup_tmp_directories=writer)
+      max_to_keep=keep if writer else None, create=writer and not alone,
+      enable_async_checkpointing=False, cleanup_tmp_directories=writer, **alone)
   return ocp.CheckpointManager(directory.absolute(), options=options)
 
 
@@ -208,13 +219,14 @@ class Checkpointer:
   """
 
   def __init__(self, run_dir: str | Path, template: Any, keep: Optional[int] = 2,
-               config: Optional[dict] = None):
+               config: Optional[dict] = None, writer: bool = True):
     self.directory = Path(run_dir) / SUBDIR
     self.template = template
     self.names = _leaf_names(template)
     self.config = config
+    self.writer = writer  # False: `save` only gathers the state (another process writes it)
     self.unverified: set[int] = set()  # restored ticks that had no checksums (older divjax)
-    self._mgr = _manager(self.directory, keep=keep)
+    self._mgr = _manager(self.directory, writer=writer, keep=keep)
 
   def ticks(self) -> list[int]:
     """Ticks of the complete checkpoints, oldest first."""
@@ -230,9 +242,10 @@ class Checkpointer:
     tick = int(state.tick)
     if records and records[-1]["tick"] != tick:
       raise ValueError(f"the last record is at tick {records[-1]['tick']}, the state at {tick}")
-    if tick in self._mgr.all_steps():  # already there (a resumed run reaching its own checkpoint)
-      return tick
+    # gathered first, on every process alike: in a multi-process run this is a collective
     arrays = flatten(state)
+    if not self.writer or tick in self._mgr.all_steps():  # already there: a resumed run
+      return tick                                           # reaching its own checkpoint
     item = {"tick": tick, "records": records, "checksums": _checksums(arrays, records, self.config)}
     _quiet_orbax()
     try:

@@ -109,15 +109,16 @@ def _load(path, overrides):
     raise BadInput(f"config error: {e}") from None
 
 
-def _prepare(args, hold: contextlib.ExitStack):
+def _prepare(args, hold: contextlib.ExitStack, primary: bool = True):
   """(output dir, config, whether a run is there to continue, whether it is extended to a
   longer duration_s, whether the dir is a default name), all input checked. A run directory
-  to continue is locked here (the lock goes into `hold`)."""
+  to continue is locked here (the lock goes into `hold`). Only the primary process of a
+  multi-process run checks and locks the directory: the others never write into it."""
   from divjax import config as config_lib, configure
   if not args.resume:
     cfg = _load(args.config, args.set or [])
     out, unique = _out_dir(args, args.config)
-    if not unique:
+    if not unique and primary:
       rundir.check_target(out, args.force)
     return out, cfg, False, False, unique
 
@@ -136,13 +137,15 @@ def _prepare(args, hold: contextlib.ExitStack):
     if not (args.config or args.set):
       raise BadInput(f"error: --resume {out}: no config.yaml there, so no run to continue "
                      f"(pass the run's CONFIG / --set to start it in {out})")
-    if out.exists() and rundir.contents(out):
+    if out.exists() and rundir.contents(out) and primary:
       raise BadInput(f"error: --resume {out}: not a divjax run directory (no config.yaml, not empty)")
     cfg = _load(args.config, args.set or [])
-    rundir.check_target(out, force=False, option="--resume")
+    if primary:
+      rundir.check_target(out, force=False, option="--resume")
     return out, cfg, False, False, False
   # Before reading anything: no other run may change the directory from here on
-  hold.enter_context(rundir.claim(out))
+  if primary:
+    hold.enter_context(rundir.claim(out))
   try:
     saved = configure.load(saved_path)
   except config_lib.ConfigError as e:
@@ -198,7 +201,7 @@ class _StopOnSignal:
     return self.signum is not None
 
 
-def _restore(ckpt, out: Path, cfg):
+def _restore(ckpt, out: Path, cfg, primary: bool = True):
   """(tick, (state, records)) of the newest intact checkpoint on an evaluation boundary. A
   corrupt newer one is reported, and moved aside once an older one restored (the run then
   writes its tick again). Raises BadInput if none can be used."""
@@ -225,7 +228,7 @@ def _restore(ckpt, out: Path, cfg):
     if tick in ckpt.unverified:
       print(f"warning: --resume {out}: the checkpoint at tick {tick} has no checksums (written by an "
             f"older divjax): its contents and configuration are not verified", file=sys.stderr)
-    for bad in corrupt:
+    for bad in corrupt if primary else ():
       where = ckpt.set_aside(bad)
       print(f"falling back to the intact checkpoint at tick {tick}; the corrupt one (tick {bad}) "
             f"was moved to {where}", file=sys.stderr)
@@ -265,18 +268,38 @@ def cmd_run(args) -> int:
   with contextlib.ExitStack() as hold:
     stop = hold.enter_context(_StopOnSignal())
     try:
-      out, cfg, resuming, extend, unique = _prepare(args, hold)
+      proc = _distributed(args)
+      out, cfg, resuming, extend, unique = _prepare(args, hold, proc.primary)
+      if proc.count > 1 and cfg.devices != "auto" and cfg.devices % proc.count:
+        raise BadInput(f"config error: devices: with --distributed over {proc.count} processes it must be "
+                       f"'auto' or a multiple of {proc.count} (the devices of all hosts; got {cfg.devices})")
     except (BadInput, rundir.RunDirError) as e:
       print(e, file=sys.stderr)
       return EXIT_BAD_INPUT
-    return _run(args, hold, stop, out, cfg, resuming, extend, unique)
+    return _run(args, hold, stop, out, cfg, resuming, extend, unique, proc)
 
 
-def _run(args, hold, stop, out: Path, cfg, resuming: bool, extend: bool, unique: bool) -> int:
+def _distributed(args):
+  """This process's place in a multi-process run (--distributed), or the single process."""
+  from divjax import multihost
+  if not args.distributed:
+    if args.coordinator or args.num_processes is not None or args.process_id is not None:
+      raise BadInput("error: --coordinator, --num-processes and --process-id need --distributed")
+    return multihost.SINGLE
+  if not (args.out or args.resume):  # a default name has a timestamp: processes would disagree
+    raise BadInput("error: --distributed needs --out DIR (or --resume DIR): every process must name the same directory")
+  try:
+    return multihost.initialize(args.coordinator, args.num_processes, args.process_id)
+  except ValueError as e:
+    raise BadInput(f"error: {e}") from None
+
+
+def _run(args, hold, stop, out: Path, cfg, resuming: bool, extend: bool, unique: bool, proc) -> int:
   from divjax import config as config_lib
   import jax  # heavy imports only once the input is known good
   from divjax import checkpoint, memory, sharding, simulate
-  sharding.request_cpu_devices(cfg.devices, cfg.n_nodes)  # before anything starts the backend
+  # before anything starts the backend
+  sharding.request_cpu_devices(cfg.devices, cfg.n_nodes, processes=proc.count)
   compilation_cache(args.no_cache)
   try:
     blocked = memory.blocked_if_needed(cfg)  # training too big for memory: nodes in blocks
@@ -294,7 +317,7 @@ def _run(args, hold, stop, out: Path, cfg, resuming: bool, extend: bool, unique:
     print("interrupted before the run started; nothing was written", file=sys.stderr)
     return 128 + int(stop.signum)
 
-  if not resuming:
+  if not resuming and proc.primary:
     try:  # creates (or with --force replaces) and locks it; unique: a fresh default name
       out, lock = rundir.create(out, force=args.force, unique=unique)
     except rundir.RunDirError as e:
@@ -308,12 +331,12 @@ def _run(args, hold, stop, out: Path, cfg, resuming: bool, extend: bool, unique:
       rows += [f"{i}," + ",".join(str(int(v)) for v in row) for i, row in enumerate(hist)]
       _write_atomic(out / "label_histograms.csv", "\n".join(rows) + "\n")
   ckpt = checkpoint.Checkpointer(out, template=jax.eval_shape(sim.engine.init, sim.run_key),
-                                 config=config_lib.to_dict(cfg))
+                                 config=config_lib.to_dict(cfg), writer=proc.primary)
   hold.callback(_close_quietly, ckpt)
   resume, records = None, []
   if resuming and ckpt.ticks():
     try:
-      tick, resume = _restore(ckpt, out, cfg)
+      tick, resume = _restore(ckpt, out, cfg, proc.primary)
     except BadInput as e:
       print(e, file=sys.stderr)
       return EXIT_BAD_INPUT
@@ -326,21 +349,22 @@ def _run(args, hold, stop, out: Path, cfg, resuming: bool, extend: bool, unique:
     records = list(resume[1])
     print(f"resuming {out} from tick {records[-1]['tick']} (t = {records[-1]['time_s']:g} s)",
           file=sys.stderr)
-  if extend:  # only now, with everything checked: the run's config becomes the longer one
+  if extend and proc.primary:  # only now, with everything checked: the run's config becomes the longer one
     print(f"extending {out} to duration_s = {cfg.duration_s:g}", file=sys.stderr)
     _write_atomic(out / "config.yaml", config_lib.dump_yaml(cfg))
   # metrics.jsonl holds exactly the records up to the checkpoint: later ones are recomputed
-  _write_atomic(out / "metrics.jsonl", "".join(_record_line(r) for r in records))
+  if proc.primary:
+    _write_atomic(out / "metrics.jsonl", "".join(_record_line(r) for r in records))
 
   status, error, summary, signum = "completed", None, None, None
-  with open(out / "metrics.jsonl", "a") as mf:
+  with open(out / "metrics.jsonl" if proc.primary else os.devnull, "a") as mf:
     def on_eval(rec):
       records.append(rec)
       mf.write(_record_line(rec))
       mf.flush()
 
     try:
-      summary, _ = simulate.run(cfg, sim=sim, on_eval=on_eval, progress=not args.quiet,
+      summary, _ = simulate.run(cfg, sim=sim, on_eval=on_eval, progress=not args.quiet and proc.primary,
                                 resume=resume, on_checkpoint=ckpt.save,
                                 should_stop=stop.requested, memory_info=mem)
       status = summary["status"]
@@ -354,12 +378,15 @@ def _run(args, hold, stop, out: Path, cfg, resuming: bool, extend: bool, unique:
   if summary is None:
     summary = simulate.summarize(cfg, records, extra={"memory": mem}) if records else {}
     summary.update(status=status, error=error)
-  return _finish(out, cfg, sim, records, summary, status, error, signum)
+  return _finish(out, cfg, sim, records, summary, status, error, signum, proc.primary)
 
 
-def _finish(out: Path, cfg, sim, records, summary, status, error, signum) -> int:
-  """Writes summary.json and the figure, reports, and returns the exit code."""
+def _finish(out: Path, cfg, sim, records, summary, status, error, signum, primary: bool = True) -> int:
+  """Writes summary.json and the figure, reports, and returns the exit code. (A secondary
+  process of a multi-process run only returns the exit code.)"""
   from divjax import plots
+  if not primary:
+    return _exit_code(status, signum)
   try:
     _write_atomic(out / "summary.json", json.dumps(summary, indent=2, default=_json_default))
     if records:
@@ -377,6 +404,10 @@ def _finish(out: Path, cfg, sim, records, summary, status, error, signum) -> int
           f" at nodes {d['nodes'][:20]}{' ...' if len(d['nodes']) > 20 else ''}", file=sys.stderr)
   if status == "interrupted":
     print(f"resume with: divjax run --resume {out}", file=sys.stderr)
+  return _exit_code(status, signum)
+
+
+def _exit_code(status: str, signum) -> int:
   return {"completed": EXIT_OK, "diverged": EXIT_DIVERGED,
           "interrupted": 128 + int(signum or signal.SIGINT)}.get(status, EXIT_FAILED)
 
@@ -585,6 +616,15 @@ def _main(argv) -> int:
   p.add_argument("--no-cache", action="store_true",
                  help="do not use JAX's persistent compilation cache ($DIVJAX_COMPILATION_CACHE, default "
                       "~/.cache/divjax/jax; 'off' there turns it off too)")
+  d = p.add_argument_group("several processes (hosts), one run: start the same command on each "
+                           "(README, 'Several machines')")
+  d.add_argument("--distributed", action="store_true",
+                 help="join a multi-process run (jax.distributed): the node axis spans every process's "
+                      "devices, process 0 writes the outputs; needs --out or --resume")
+  d.add_argument("--coordinator", metavar="HOST:PORT",
+                 help="process 0's address (default: $JAX_COORDINATOR_ADDRESS, or found under Slurm / Open MPI)")
+  d.add_argument("--num-processes", type=int, metavar="P", help="how many processes in all")
+  d.add_argument("--process-id", type=int, metavar="I", help="this process, 0 .. P-1")
   p.set_defaults(func=cmd_run)
 
   s = sub.add_parser("sweep", help="run a grid of configs, one compiled program per structure",

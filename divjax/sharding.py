@@ -26,6 +26,7 @@ import os
 from typing import Callable, Optional, Union
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXIS = "nodes"
@@ -43,19 +44,21 @@ def cpu_cores() -> int:
     return os.cpu_count() or 1
 
 
-def request_cpu_devices(k: Union[int, str], n_nodes: Optional[int] = None) -> None:
-  """Asks XLA:CPU for k host devices, each running its program on one thread.
+def request_cpu_devices(k: Union[int, str], n_nodes: Optional[int] = None, processes: int = 1) -> None:
+  """Asks XLA:CPU for k host devices in all, k / processes in this process (divjax.multihost),
+  each running its program on one thread.
 
-  k = "auto" (the config's `devices: auto`) asks for the most devices that divide n_nodes,
-  up to the cores this process may use. Only effective before the backend starts (it is a
-  no-op afterwards, and harmless on an accelerator, where the CPU devices are not used).
-  Eigen's intra-op threads are turned off because the k devices already occupy the cores
-  (BENCHMARKS.md has the measurement).
+  k = "auto" (the config's `devices: auto`) asks for the most devices that divide this
+  process's share of n_nodes, up to the cores it may use. Only effective before the backend
+  starts (it is a no-op afterwards, and harmless on an accelerator, where the CPU devices are
+  not used). Eigen's intra-op threads are turned off because the k devices already occupy the
+  cores (BENCHMARKS.md has the measurement).
   """
   if k == "auto":
     if n_nodes is None:
       raise ValueError("devices: 'auto' needs n_nodes")
-    k = _largest_divisor(n_nodes, cpu_cores())
+    k = processes * _largest_divisor(n_nodes // processes, cpu_cores())
+  k //= processes
   if k <= 1:
     return
   jax.config.update("jax_num_cpu_devices", k)
@@ -118,6 +121,21 @@ def gather(tree, mesh: Optional[Mesh]):
   if mesh is None:
     return tree
   return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def to_host(tree):
+  """The tree's values as numpy arrays on this process (jax.device_get), including arrays split
+  over other processes' devices in a multi-process run: those are all-gathered, so every
+  process gets the whole array (a collective: every process must make the same call)."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils
+
+  def one(a):
+    if isinstance(a, jax.Array) and not a.is_fully_addressable and not a.is_fully_replicated:
+      return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+    return jax.device_get(a)
+  return jax.tree.map(one, tree)
 
 
 def constrain(tree, mesh: Optional[Mesh], axes):

@@ -87,12 +87,12 @@ def eval_node_ids(cfg: Config) -> Optional[np.ndarray]:
 def _node_metrics(sim: Simulation, state, whole) -> Optional[dict]:
   ids = eval_node_ids(sim.cfg)
   if ids is None:
-    return jax.device_get(sim.evaluate_nodes(state.params, sim.task.test))
-  return jax.device_get(sim.task.evaluate(whole[ids])) if ids.size else None
+    return sharding.to_host(sim.evaluate_nodes(state.params, sim.task.test))
+  return sharding.to_host(sim.task.evaluate(whole[ids])) if ids.size else None
 
 
 def _n_test(task: tasks.Task) -> int:
-  return int(np.sum(jax.device_get(task.test[-1])))   # the test set's validity mask
+  return int(np.sum(sharding.to_host(task.test[-1])))   # the test set's validity mask
 
 
 def evaluate(sim: Simulation, state) -> dict:
@@ -101,13 +101,13 @@ def evaluate(sim: Simulation, state) -> dict:
   # reductions over nodes on one whole copy: the summation order of an unsharded run
   whole = sharding.gather(state.params, sim.mesh)
   ev = _node_metrics(sim, state, whole)
-  avg = jax.device_get(sim.task.evaluate(whole.mean(0, keepdims=True)))
+  avg = sharding.to_host(sim.task.evaluate(whole.mean(0, keepdims=True)))
   tick = int(state.tick)
   per_node = lambda f, k: None if ev is None else float(f(ev[k]))
   rec = {
       "tick": tick,
       "time_s": tick * sim.cfg.dt_us / 1e6,
-      "round_mean": float(np.mean(jax.device_get(state.rounds))),
+      "round_mean": float(np.mean(sharding.to_host(state.rounds))),
       "acc_mean": per_node(np.mean, "acc"),
       "acc_min": per_node(np.min, "acc"),
       "acc_max": per_node(np.max, "acc"),
@@ -123,7 +123,7 @@ def evaluate(sim: Simulation, state) -> dict:
   count = int(state.age_count)
   rec["staleness_s"] = float(state.age_sum) / count * sim.cfg.dt_us / 1e6 if count else None
   if sim.objective is not None:  # the theorem's quantity (divjax.objective)
-    value, g2 = jax.device_get(sim.objective(whole.mean(0)))
+    value, g2 = sharding.to_host(sim.objective(whole.mean(0)))
     rec["objective"], rec["grad_norm_sq"] = float(value), float(g2)
   if sim.cfg.observe.versions != "off":  # per-pair version ages, in rounds (divjax.versions)
     rec["version_age_mean"], rec["version_age_max"] = versions.staleness(state.versions.known)
@@ -149,13 +149,13 @@ _nonfinite_rows = jax.jit(lambda p: ~jnp.all(jnp.isfinite(p), axis=tuple(range(1
 
 def find_divergence(sim: Simulation, state, train_loss: np.ndarray) -> Optional[dict]:
   """None if every parameter and training loss is finite; else where and what diverged."""
-  bad_params = np.flatnonzero(jax.device_get(_nonfinite_rows(state.params)))
+  bad_params = np.flatnonzero(sharding.to_host(_nonfinite_rows(state.params)))
   bad_loss = not np.all(np.isfinite(train_loss))
   if not bad_params.size and not bad_loss:
     return None
   nodes = bad_params
   if not nodes.size:  # the chunk's loss is a mean over nodes: find them by their test loss
-    nodes = np.flatnonzero(~np.isfinite(jax.device_get(sim.evaluate_nodes(state.params, sim.task.test)["loss"])))
+    nodes = np.flatnonzero(~np.isfinite(sharding.to_host(sim.evaluate_nodes(state.params, sim.task.test)["loss"])))
   tick = int(state.tick)
   return {"tick": tick, "time_s": tick * sim.cfg.dt_us / 1e6, "nodes": nodes.tolist(),
           "metrics": [m for m, bad in (("params", bad_params.size), ("train_loss", bad_loss)) if bad]}
@@ -214,7 +214,7 @@ def run(cfg: Config, *, on_eval: Optional[Callable[[dict], None]] = None,
       raise ValueError(f"cannot resume at tick {t}: chunks start on multiples of "
                        f"local_steps = {cfg.local_steps}, after the record of that tick")
   tick = int(state.tick)
-  steps0 = steps_done = int(np.sum(jax.device_get(state.steps)))
+  steps0 = steps_done = int(np.sum(sharding.to_host(state.steps)))
 
   bar = None
   if progress:
@@ -242,11 +242,11 @@ def run(cfg: Config, *, on_eval: Optional[Callable[[dict], None]] = None,
     jax.block_until_ready(state.params)
     chunk_s = time.perf_counter() - c1
     run_s += chunk_s
-    steps_now = int(np.sum(jax.device_get(state.steps)))
+    steps_now = int(np.sum(sharding.to_host(state.steps)))
     chunk_speeds.append(round((steps_now - steps_done) / chunk_s, 2) if chunk_s > 0 else None)
     steps_done = steps_now
     tick += length
-    train_loss = np.asarray(jax.device_get(metrics["train_loss"]))
+    train_loss = np.asarray(sharding.to_host(metrics["train_loss"]))
     divergence = find_divergence(sim, state, train_loss)
     if divergence is not None:
       status = "diverged"

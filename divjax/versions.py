@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from divjax import sharding
+
 
 class Versions(NamedTuple):
   known: jax.Array   # (N, N) int32: known[i, j], the newest version of j's model that reached i
@@ -59,7 +61,7 @@ def round_end(v: Versions, ends, rounds, slot, copies, relay: bool = True) -> Ve
 
 def staleness(known) -> tuple[float, int]:
   """(mean, max) over ordered pairs i != j of known[j, j] - known[i, j], from the host."""
-  k = np.asarray(jax.device_get(known), np.int64)
+  k = np.asarray(sharding.to_host(known), np.int64)
   age = np.diagonal(k)[None, :] - k
   off = ~np.eye(k.shape[0], dtype=bool)
   return float(age[off].mean()), int(age[off].max())
