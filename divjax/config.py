@@ -166,6 +166,10 @@ class Config(_Strict):
   # auto: mlp for synthetic and MNIST, gn_lenet for CIFAR-10, mf for MovieLens, linear for lsq
   model: Literal["auto", "mlp", "logreg", "gn_lenet", "mf", "linear"] = "auto"
   mf_dim: int = Field(20, ge=1)
+  # How gn_lenet runs N nodes at once (models.make_model): "fast", hand-written per-node
+  # convolutions (quickest on a CPU); "vmap", one grouped convolution (for GPUs); "auto", fast
+  # on a CPU backend, vmap elsewhere. Same numbers to float32 rounding.
+  model_impl: Literal["auto", "fast", "vmap"] = "auto"
   # MovieLens: "none" predicts <u, v> (the paper's model); "global_mean" predicts
   # mean_train + <u, v>, a constant of the task, not a parameter (divjax.tasks.movielens says why)
   mf_offset: Literal["none", "global_mean"] = "none"
@@ -180,6 +184,10 @@ class Config(_Strict):
   # Depth of the delay ring in sender rounds; 0 picks the smallest depth that loses nothing
   # for flushing algorithms, and 8 rounds of backlog for the others.
   ring_depth: int = Field(0, ge=0)
+  # The delay ring's payload type. bfloat16 halves the ring's memory (the largest part of the
+  # state for small models: ring_depth x fragments x fragment width per node); payloads are
+  # rounded once, at the snapshot, and summed in float32. Models and optimizer stay float32.
+  ring_dtype: Literal["float32", "bfloat16"] = "float32"
   eval_batch: int = Field(1024, ge=1)
   # Nodes differentiated together in a local step (a lax.map over blocks of this many, each
   # vmapped; models.map_groups): bounds training activations to one block's. None: the

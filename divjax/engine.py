@@ -236,6 +236,7 @@ class Static(NamedTuple):
   alg: AsyncAlgorithm
   frags: fragments_lib.Fragments
   versions: str = "off"     # observe.versions: off, relay, direct
+  ring_dtype: Any = jnp.float32  # the payloads' type in the ring (config ring_dtype)
 
   @property
   def block_us(self) -> int:   # a block of H ticks
@@ -268,7 +269,7 @@ def init_state(st: Static, sgd: nodes_lib.LocalSGD, x) -> State:
       nodes=Nodes(params=x, opt_state=sgd.init_opt(x), steps=zi(n), rounds=zi(n)),
       msgs=Messages(*(zi(n, d, m) for _ in range(5)), slot_tick=zi(n, d)),
       replies=replies_lib.empty(n, d, m) if st.reply else None,
-      backlog_us=tb.wide(zi(n)), ring=jnp.zeros((d, n, st.f, st.width), jnp.float32),
+      backlog_us=tb.wide(zi(n)), ring=jnp.zeros((d, n, st.f, st.width), st.ring_dtype),
       alg=st.alg.init(fragments_lib.to_layout(x, st.frags), Dims(n, st.f, st.width, d)),
       counters=Counters(retired=zi(len(FATES)), sent=zi(), age_sum=jnp.zeros((), jnp.float32),
                         age_count=zi()),
@@ -441,7 +442,8 @@ def make(cfg: Config, task, alg: AsyncAlgorithm, *, communicate: bool = True) ->
   d = ring_depth(cfg, alg, net)
   check_horizon(cfg, d, net)
   st = Static(n=cfg.n_nodes, h=cfg.local_steps, f=frags.n, width=frags.width, m=alg.messages,
-              depth=d, dt_us=net.dt_us, alg=alg, frags=frags, versions=cfg.observe.versions)
+              depth=d, dt_us=net.dt_us, alg=alg, frags=frags, versions=cfg.observe.versions,
+              ring_dtype=jnp.dtype(cfg.ring_dtype))
   sgd = nodes_lib.make(cfg, task)
   static = static_key(cfg, d)
 
@@ -456,7 +458,7 @@ def make(cfg: Config, task, alg: AsyncAlgorithm, *, communicate: bool = True) ->
       init=lambda run_key: init_state(st, sgd, task.initial_models(run_key, st.n, cfg.init.spread)),
       advance=functools.partial(advance, st, sgd, communicate), params=params, counts=device_counts,
       node_axes=node_axes, static=static, frags=frags, net=net, depth=d,
-      round_ticks=(cfg.local_steps * net.period).astype(np.int64), ring_bytes=d * st.n * st.f * st.width * 4)
+      round_ticks=(cfg.local_steps * net.period).astype(np.int64), ring_bytes=d * st.n * st.f * st.width * st.ring_dtype.itemsize)
 
 
 def node_axes(state: State):

@@ -92,6 +92,7 @@ class Shapes(NamedTuple):
   train_data: int   # bytes of the training set and partition
   test_data: int    # bytes of the test set
   versions: int = 0  # observe.versions: slots holding N x N version vectors (D + 1), 0 when off
+  ring_item: int = 4  # bytes per ring payload value (ring_dtype)
 
 
 # ------------------------------------------------------------------------------ the formula
@@ -108,7 +109,7 @@ def parts(s: Shapes, state: Optional[dict[str, int]] = None) -> dict[str, int]:
   out = {
       "params": n * s.p * f4,
       "optimizer": n * s.opt * f4,
-      "ring": s.depth * n * s.frags * s.width * f4,
+      "ring": s.depth * n * s.frags * s.width * s.ring_item,
       "messages": tables,
       "stored_copies": n * s.store * s.width * f4,
       # steps, rounds (+ backlog_us, two words) per node; retired (5), sent, age_sum, age_count, tick
@@ -285,7 +286,8 @@ def _model_shapes(cfg: Config):
   key = (cfg.task, name, cfg.data.n_classes if cfg.task == "synthetic" else None,
          cfg.data.dim if cfg.task in ("synthetic", "lsq") else None, tuple(cfg.hidden) if name == "mlp" else None,
          cfg.mf_dim if name == "mf" else None,
-         name == "gn_lenet" and sharding.device_count(cfg.devices, cfg.n_nodes) > 1)
+         name == "gn_lenet" and sharding.device_count(cfg.devices, cfg.n_nodes) > 1,
+         cfg.model_impl if name == "gn_lenet" else None)
   if key not in _MODELS:
     model, kind, sample, dtype = _model(cfg)
     _MODELS[key] = (model, kind, sample, dtype, jax.eval_shape(lambda: model.init(jax.random.key(0))))
@@ -384,7 +386,8 @@ def shapes(cfg: Config, sim=None) -> Shapes:
       batch=n * cfg.batch_size * (sample_bytes + 4), train_act=train_act * min(n, cfg.train_block or group or n),
       eval_models=evaluated, eval_act=eval_act * min(evaluated, group or evaluated),
       train_data=train_data, test_data=test_data,
-      versions=depth + 1 if cfg.observe.versions != "off" and not proto["sync"] else 0)
+      versions=depth + 1 if cfg.observe.versions != "off" and not proto["sync"] else 0,
+      ring_item=np.dtype(jnp.dtype(cfg.ring_dtype)).itemsize)
 
 
 def _tree_bytes(tree) -> int:

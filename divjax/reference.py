@@ -151,6 +151,8 @@ class _Sim:
     self.push(self.step_time(i, node.steps + 1), Event.STEP, i)
     if node.steps % self.h == 0:
       snapshot = node.params.copy()  # post-training, pre-aggregation model
+      if cfg.ring_dtype != "float32":  # payloads travel rounded (config ring_dtype)
+        snapshot = np.asarray(jnp.asarray(snapshot).astype(cfg.ring_dtype).astype(jnp.float32))
       vec = None
       if node.known is not None:     # its version: rounds of training it holds; before any merge
         node.known[i] = node.rounds + 1

@@ -18,7 +18,7 @@ ROUTE_FLOATS = 1 << 22  # a routing step gathers at most about this many payload
 def write(ring, slot, x, ends):
   """Writes snapshot x (N, F, L) into ring slot `slot` (N,) of the nodes that `ends`."""
   nodes = jnp.arange(x.shape[0])
-  return ring.at[slot, nodes].set(jnp.where(ends[:, None, None], x, ring[slot, nodes]))
+  return ring.at[slot, nodes].set(jnp.where(ends[:, None, None], x.astype(ring.dtype), ring[slot, nodes]))
 
 
 def columns_per_step(m: int, n: int, width: int) -> int:
@@ -50,12 +50,13 @@ def route(ring, due, src, slot, dst, frag, weight=None):
     return a.reshape(d * steps_per_slot, cols_per_step, n)
 
   def add(acc, slot_c, src_c, dst_c, frag_c, due_c, w_c):
+    got = ring[slot_c, src_c, frag_c].astype(jnp.float32)  # summed in float32 (ring_dtype)
     if w_c is None:
-      payload = jnp.where(due_c[..., None], ring[slot_c, src_c, frag_c], 0.0)             # (C, N, L)
+      payload = jnp.where(due_c[..., None], got, 0.0)                                       # (C, N, L)
       c = due_c.astype(jnp.float32)
     else:
       c = jnp.where(due_c, w_c, 0.0)
-      payload = c[..., None] * ring[slot_c, src_c, frag_c]
+      payload = c[..., None] * got
     seg = (dst_c * f + frag_c).reshape(-1)
     s = acc[0] + jax.ops.segment_sum(payload.reshape(-1, width), seg, num_segments=n * f)
     c = acc[1] + jax.ops.segment_sum(c.reshape(-1), seg, num_segments=n * f)

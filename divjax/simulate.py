@@ -287,6 +287,7 @@ def run_summary(sim: Simulation, records: list[dict], status: str, divergence: O
       "compile_cache": cache,
       **speeds,
       "device": jax.devices()[0].device_kind,
+      "device_peak_bytes": device_peak_bytes(),
       "devices": sim.mesh.size if sim.mesh is not None else 1,  # `devices: auto` resolved
   })
   if sim.task.baseline is not None:  # e.g. MovieLens: the RMSE a run has to beat
@@ -295,6 +296,13 @@ def run_summary(sim: Simulation, records: list[dict], status: str, divergence: O
   if divergence is not None:
     summary["divergence"] = divergence
   return summary
+
+
+def device_peak_bytes() -> Optional[int]:
+  """The accelerator's own peak of allocated bytes in this process (None where the device
+  reports none, as on a CPU: the process's resident memory is the measure there)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use")
 
 
 def new_cache_stats() -> dict:

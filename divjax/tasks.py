@@ -223,7 +223,7 @@ def make_classifier(cfg: Config, *, input_shape, n_classes, default: str = "mlp"
     # Nodes side by side only help one multi-threaded CPU device keep both cores busy; each
     # of several CPU devices runs on one thread, where one node at a time measured as fast
     # and compiles 2-10x sooner (BENCHMARKS.md, "group size with 2 devices").
-    return models.make_model("gn_lenet", input_shape=input_shape, n_classes=n_classes,
+    return models.make_model("gn_lenet", input_shape=input_shape, n_classes=n_classes, impl=cfg.model_impl,
                              unroll=1 if sharding.device_count(cfg.devices, cfg.n_nodes) > 1 else 16)
   raise ValueError(f"model: {name!r} cannot classify {cfg.task} (allowed: mlp, logreg, gn_lenet)")
 

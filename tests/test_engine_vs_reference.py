@@ -185,3 +185,20 @@ def test_spread_initial_models_agree_with_reference(algorithm):
   p = np.asarray(state.params)
   assert np.ptp(p, axis=0).max() > 0.05                 # the nodes' models differ
   assert_agree(state, ref_params, ref_counts)
+
+
+@pytest.mark.parametrize("algorithm", ["divshare", pytest.param("adpsgd", marks=pytest.mark.slow)])
+def test_bfloat16_ring_agrees_with_reference(algorithm):
+  """ring_dtype=bfloat16: payloads rounded once at the snapshot, in both simulators; the
+  timing (every count) is the float32 run's, the models are not."""
+  extra = ["recipients=4"] if algorithm == "adpsgd" else []
+  cfg = tiny_config(f"algorithm={algorithm}", "ring_dtype=bfloat16", *extra, *COMM_STRAGGLERS)
+  state, ref_params, ref_counts = run_both(cfg)
+  assert state.ring.dtype == np.dtype("bfloat16")
+  assert_agree(state, ref_params, ref_counts)
+  f32 = tiny_config(f"algorithm={algorithm}", *extra, *COMM_STRAGGLERS)
+  sim = simulate.build(f32)
+  s32 = sim.engine.init(sim.run_key)
+  s32, _ = simulate.compile_chunk(sim, s32, 40)(s32, sim.params)
+  assert engine.message_counts(s32) == engine.message_counts(state)
+  assert not np.allclose(np.asarray(s32.params), np.asarray(state.params), rtol=1e-5, atol=1e-6)

@@ -48,7 +48,7 @@ def swift_original(*, neighbours: np.ndarray) -> AsyncAlgorithm:
     # at most one due copy per (sender, receiver): newer copies supersede older ones
     due = pushes.due[table, :, fwd]                                                       # (N, K, D)
     slot = jnp.argmax(due, axis=-1)
-    store = jnp.where(due.any(-1)[..., None], inbox.ring[slot, table, 0], store)
+    store = jnp.where(due.any(-1)[..., None], inbox.ring[slot, table, 0].astype(store.dtype), store)
     return ((x[:, 0] + store.sum(axis=1)) / (1.0 + k))[:, None], store
 
   def reference_aggregate(i, own, received, store):
