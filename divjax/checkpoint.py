@@ -209,6 +209,15 @@ def _manager(directory: Path, writer: bool = True, keep: Optional[int] = 2):
   return ocp.CheckpointManager(directory.absolute(), options=options)
 
 
+# Arrays added to the state after checkpoints existed, and their value in an older checkpoint:
+# the engine's pending snapshots (engine.Fresh), which older engines wrote into the ring at
+# once, so an older checkpoint has none pending.
+_ADDED = {
+    "fresh_x": lambda shape, dtype: np.zeros(shape, dtype),
+    "fresh_slot": lambda shape, dtype: np.full(shape, -1, dtype),
+}
+
+
 class Checkpointer:
   """Saves and restores the checkpoints of one run directory.
 
@@ -282,6 +291,8 @@ class Checkpointer:
         leaves.append(jnp.zeros(shape, dtype))
         continue
       got = arrays.pop(name, None)
+      if got is None and name in _ADDED:  # written before this array existed
+        got = _ADDED[name](shape, dtype)
       if got is None:
         raise CheckpointError(f"{self.directory / str(tick)}: array {name!r} is missing "
                               f"(written by a different algorithm or version?)")

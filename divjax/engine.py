@@ -10,7 +10,9 @@ time (t*dt, (t+1)*dt]. Inside a tick, in this order:
   2. messages arriving at time <= (t+1)*dt are in their receivers' buffers;
   3. nodes that completed their H-th step of the round end it, all together:
      a. aggregate: own post-training model + the newest received copy per (sender, fragment);
-     b. retire the ring slot of round r - D and write the post-training snapshot of round r;
+     b. retire the ring slot of round r - D and write the post-training snapshot of round r
+        (physically at the start of the next round end, before anything reads the ring:
+        `Fresh`; no read happens in between, so nothing simulated changes);
      c. flush the send queue (if the algorithm flushes) and enqueue the new round's messages.
 
 A node's round ends at tick (r+1)*R_i - 1 with R_i = H * period_i, so every node's schedule is
@@ -90,6 +92,12 @@ class Counters(NamedTuple):
   age_count: jax.Array      # () int32
 
 
+class Fresh(NamedTuple):
+  """The snapshots taken at the last round end, not yet in the ring (ring.write_fresh)."""
+  x: jax.Array              # (N, F, L) in the ring's dtype
+  slot: jax.Array           # (N,) int32, the ring slot each goes to; -1: nothing pending
+
+
 class State(NamedTuple):
   nodes: Nodes
   msgs: Messages
@@ -100,6 +108,7 @@ class State(NamedTuple):
   counters: Counters
   tick: jax.Array           # () int32, next tick to simulate
   versions: Optional[versions_lib.Versions] = None   # observe.versions (divjax.versions)
+  fresh: Optional[Fresh] = None  # snapshots of the last round end, written into the ring at the next
 
   # what drivers read, the same for every engine
   params = property(lambda s: s.nodes.params)
@@ -111,6 +120,10 @@ class State(NamedTuple):
 
   def with_params(self, params) -> "State":
     return self._replace(nodes=self.nodes._replace(params=params))
+
+  def ring_now(self) -> jax.Array:
+    """The ring as the next round end reads it (with the pending snapshots written)."""
+    return ring_lib.write(self.ring, self.fresh.slot, self.fresh.x, self.fresh.slot >= 0)
 
 
 class Params(NamedTuple):
@@ -274,7 +287,8 @@ def init_state(st: Static, sgd: nodes_lib.LocalSGD, x) -> State:
       counters=Counters(retired=zi(len(FATES)), sent=zi(), age_sum=jnp.zeros((), jnp.float32),
                         age_count=zi()),
       tick=zi(),
-      versions=versions_lib.init(n, d) if st.versions != "off" else None)
+      versions=versions_lib.init(n, d) if st.versions != "off" else None,
+      fresh=Fresh(jnp.zeros((n, st.f, st.width), st.ring_dtype), jnp.full((n,), -1, jnp.int32)))
 
 
 def send(st: Static, s: State, p: Params, ends, busy, k):
@@ -343,6 +357,12 @@ def due_copies(st: Static, s: State, p: Params, busy):
 def end_rounds(st: Static, s: State, p: Params, ends) -> State:
   """The round-end tick of a block: replies, aggregation, snapshots, new messages."""
   t, nodes = s.tick, jnp.arange(st.n)
+  # The last round end's snapshots go into the ring first, before anything reads it: written
+  # after the reads (at their own round end), the in-place update made XLA copy the whole
+  # ring twice per round end (the reads sit in loops and conditionals), most of the round
+  # end's time (BENCHMARKS.md, "Where the round end's time goes"). Nothing reads the ring in
+  # between, so every round end sees what it saw before.
+  s = s._replace(ring=s.ring_now())
   frags = st.frags._replace(layout=p.frag_layout, position=p.frag_position)   # sizes are static
   x_own = fragments_lib.to_layout(s.nodes.params, frags)                                      # (N, F, L)
   # relative to the end of tick t (an idle queue: -block_us, where replies can still start)
@@ -364,9 +384,10 @@ def end_rounds(st: Static, s: State, p: Params, ends) -> State:
   if vers is not None:  # the observer sees exactly the copies just aggregated
     vers = versions_lib.round_end(vers, ends, s.nodes.rounds, k, copies, relay=st.versions == "relay")
 
-  # c. retire slot r % D (its records are all final by now) and write the snapshot
+  # c. retire slot r % D (its records are all final by now); the snapshot goes into it at the
+  # next round end
   old = msgs.fate[nodes, k] if rep is None else jnp.concatenate([msgs.fate[nodes, k], rep.fate[nodes, k]], axis=1)
-  ring = ring_lib.write(s.ring, k, x_own, ends)
+  fresh = Fresh(x_own.astype(s.ring.dtype), jnp.where(ends, k, -1).astype(jnp.int32))
 
   # d. the new round's messages and their fates
   new_msgs, backlog = send(st, s._replace(msgs=msgs), p, ends, busy, k)
@@ -378,7 +399,7 @@ def end_rounds(st: Static, s: State, p: Params, ends) -> State:
                       age_sum=c.age_sum + sum(jnp.sum(jnp.where(u.due, u.age, 0)) for u in used).astype(jnp.float32),
                       age_count=c.age_count + sum(jnp.sum(u.due, dtype=jnp.int32) for u in used))
   return s._replace(nodes=s.nodes._replace(params=params, rounds=s.nodes.rounds + ends),
-                    msgs=new_msgs, replies=rep, backlog_us=backlog, ring=ring, alg=alg_state,
+                    msgs=new_msgs, replies=rep, backlog_us=backlog, fresh=fresh, alg=alg_state,
                     counters=counters, versions=vers)
 
 
@@ -458,7 +479,7 @@ def make(cfg: Config, task, alg: AsyncAlgorithm, *, communicate: bool = True) ->
       init=lambda run_key: init_state(st, sgd, task.initial_models(run_key, st.n, cfg.init.spread)),
       advance=functools.partial(advance, st, sgd, communicate), params=params, counts=device_counts,
       node_axes=node_axes, static=static, frags=frags, net=net, depth=d,
-      round_ticks=(cfg.local_steps * net.period).astype(np.int64), ring_bytes=d * st.n * st.f * st.width * st.ring_dtype.itemsize)
+      round_ticks=(cfg.local_steps * net.period).astype(np.int64), ring_bytes=(d + 1) * st.n * st.f * st.width * st.ring_dtype.itemsize)
 
 
 def node_axes(state: State):
@@ -470,7 +491,8 @@ def node_axes(state: State):
   none = lambda tree: jax.tree.map(lambda _: None, tree)
   return State(nodes=zero(state.nodes), msgs=zero(state.msgs), replies=zero(state.replies),
                backlog_us=zero(state.backlog_us), ring=None, alg=zero(state.alg),
-               counters=none(state.counters), tick=None, versions=none(state.versions))
+               counters=none(state.counters), tick=None, versions=none(state.versions),
+               fresh=zero(state.fresh))
 
 
 def device_counts(state: State) -> dict:

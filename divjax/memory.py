@@ -11,8 +11,6 @@ in milliseconds) or, once the run is built, from its arrays (`shapes(cfg, sim)`,
                original SWIFT, per-node counters; `check` reads them off engine.init
                (jax.eval_shape), `precheck` predicts them (tests compare the two);
   data         training set, partition (N, L) and the test set;
-  ring_update  a round end rewrites the ring while routing reads it: XLA keeps a second
-               ring alive (not for pairwise AD-PSGD, which gathers nothing from it);
   training     one local step: gradients and updates (2 x params), the optimizer's new
                state, the gathered batch, and the activations: the two largest values
                (an operation's input and output) of one node's traced gradient, x N;
@@ -26,7 +24,7 @@ in milliseconds) or, once the run is built, from its arrays (`shapes(cfg, sim)`,
 Traced values skip what XLA does not materialise: a call's results (its body's are counted),
 reshapes, and elementwise values read only by reductions (fused into them).
 
-total = state + data + the larger of stepping (ring_update + training + routing + tables_work
+total = state + data + the larger of stepping (training + routing + tables_work
 + mixing) and evaluation, which never run at the same time. Against XLA's memory analysis of
 the compiled chunk and evaluation (argument + output - aliased + temporaries) it measured
 0.97x-1.14x on CPU for MLP tasks across all eight algorithms, ring depths set and automatic
@@ -98,7 +96,7 @@ class Shapes(NamedTuple):
 # ------------------------------------------------------------------------------ the formula
 
 _STATE = ("params", "optimizer", "ring", "messages", "stored_copies", "versions", "other_state")
-_STEPPING = ("ring_update", "training", "routing", "tables_work", "versions_work", "mixing")  # a chunk's temporaries
+_STEPPING = ("training", "routing", "tables_work", "versions_work", "mixing")  # a chunk's temporaries
 
 
 def parts(s: Shapes, state: Optional[dict[str, int]] = None) -> dict[str, int]:
@@ -109,7 +107,8 @@ def parts(s: Shapes, state: Optional[dict[str, int]] = None) -> dict[str, int]:
   out = {
       "params": n * s.p * f4,
       "optimizer": n * s.opt * f4,
-      "ring": s.depth * n * s.frags * s.width * s.ring_item,
+      # D slots, and the last round end's snapshots waiting for the next (engine.Fresh)
+      "ring": (s.depth + 1) * n * s.frags * s.width * s.ring_item + 4 * n if s.depth else 0,
       "messages": tables,
       "stored_copies": n * s.store * s.width * f4,
       # steps, rounds (+ backlog_us, two words) per node; retired (5), sent, age_sum, age_count, tick
@@ -121,8 +120,6 @@ def parts(s: Shapes, state: Optional[dict[str, int]] = None) -> dict[str, int]:
   tables = out["messages"]
   # routing gathers C columns of N payloads at a time, C as in engine.route
   cols = max(1, min(s.messages, _ROUTE_FLOATS // max(1, n * s.width)))
-  # rewriting the ring while a gather reads it (routing, stored copies) keeps a second one
-  out["ring_update"] = out["ring"] if s.routes or s.store else 0
   out["training"] = 2 * out["params"] + out["optimizer"] + s.batch + s.train_act
   out["routing"] = s.routes * cols * n * s.width * f4 + out["stored_copies"]
   out["tables_work"] = 4 * (tables // 5)
@@ -399,7 +396,8 @@ def _measured_state(sim) -> dict[str, int]:
   st = jax.eval_shape(sim.engine.init, sim.run_key)
   nodes = getattr(st, "nodes", st)   # the asynchronous engine nests its parts
   get = lambda k: _tree_bytes(getattr(st, k, ()))
-  out = {"params": _tree_bytes(st.params), "optimizer": _tree_bytes(nodes.opt_state), "ring": get("ring"),
+  out = {"params": _tree_bytes(st.params), "optimizer": _tree_bytes(nodes.opt_state),
+         "ring": get("ring") + get("fresh"),
          "messages": get("msgs") + get("replies"), "stored_copies": get("alg"), "versions": get("versions")}
   out["other_state"] = _tree_bytes(st) - sum(out.values())
   return out
@@ -439,9 +437,9 @@ def _gb(b: int) -> str:
   return f"{b / GB:.3g} GB"
 
 
-# What each part is, for the message; "ring" also counts its rewrite (ring_update).
+# What each part is, for the message.
 _PARTS = {
-    "ring": "the delay ring (ring_depth x n_nodes x fragments x fragment width floats, and its rewrite)",
+    "ring": "the delay ring (ring_depth x n_nodes x fragments x fragment width floats, plus one slot of snapshots waiting to be written)",
     "params": "the models (n_nodes x parameters)",
     "optimizer": "the optimizer state (momentum: n_nodes x parameters)",
     "messages": "the message tables (n_nodes x ring_depth x messages per round)",
@@ -467,11 +465,9 @@ _AUTO_DEPTH = ("network.latency_ms", "network.compute_s_per_step", "local_steps"
 def _largest_part(p: dict[str, int]) -> tuple[str, int]:
   """The biggest part counted in the total (evaluation and stepping alternate)."""
   grouped = {k: v for k, v in p.items() if k in _PARTS}
-  grouped["ring"] += p["ring_update"]
   stepping = sum(p[k] for k in _STEPPING)
   if p["evaluation"] >= stepping:
     grouped = {k: v for k, v in grouped.items() if k not in _STEPPING}
-    grouped["ring"] -= p["ring_update"]
   else:
     grouped.pop("evaluation")
   return max(grouped.items(), key=lambda kv: kv[1])
@@ -521,7 +517,7 @@ def drivers(cfg: Config, part: str) -> list[tuple[str, Any, Any, int]]:
 
 
 def _part_bytes(p: dict[str, int], part: str) -> int:
-  return p[part] + (p["ring_update"] if part == "ring" else 0)
+  return p[part]
 
 
 def _limit(cfg: Config, device) -> tuple[Optional[int], str]:

@@ -146,7 +146,7 @@ def test_sgp_push_sum_keeps_mass_and_weighted_sum_including_what_is_in_flight():
     n_i, d_i, _ = np.nonzero(flying)
     mass = sent[n_i, d_i]
     assert abs(weight.sum() + mass.sum() - 8.0) < 1e-5
-    total = (weight[:, None] * s.params).sum(0) + (mass[:, None] * s.ring[d_i, n_i, 0, :122]).sum(0)
+    total = (weight[:, None] * s.params).sum(0) + (mass[:, None] * s.ring_now()[d_i, n_i, 0, :122]).sum(0)
     np.testing.assert_allclose(total, np.asarray(x0).sum(0), rtol=1e-5, atol=2e-5)
   assert states[-1].rounds.min() >= 4 and weight.min() < 0.99     # weights do move
   cons = float(simulate.consensus_distance(jnp.asarray(states[-1].params)))
