@@ -60,7 +60,10 @@ def largest_fitting(model: str, start: int, limit_gb: float, tiny: bool, data_di
 def run_one(model: str, n: int, rounds: int, limit_gb: float, tiny: bool, data_dir: str) -> dict:
   path, sets, cfg = _cfg(model, n, tiny, data_dir, limit_gb)
   seconds = rounds * cfg.local_steps * cfg.dt_us / 1e6
-  sets = sets + [f"duration_s={seconds}", f"eval_every_s={seconds}", "checkpoint_every_s=0"]
+  # evaluated at the start and the end, on 64 seeded nodes and 500 seeded test samples: the
+  # cost measured is the simulation's, not a full evaluation of N models
+  sets = sets + [f"duration_s={seconds}", f"eval_every_s={seconds}", "checkpoint_every_s=0",
+                 f"eval.nodes={min(n, 64)}", "eval.test_subsample=500"]
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "run")
     cmd = [sys.executable, "-m", "divjax.cli", "run", *([path] if path else []), "--set", *sets,
