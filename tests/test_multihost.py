@@ -58,11 +58,22 @@ def _assert_same(got: list[dict], want: list[dict]):
         np.testing.assert_allclose(g[k], w[k], rtol=1e-4, atol=1e-6, err_msg=f"{k} at tick {g['tick']}")
 
 
-def test_two_processes_match_one_and_resume(tmp_path):
-  cfg = configure.load(None, SET + ["devices=1", "duration_s=0.6"])
+def _one_process(duration: float) -> list[dict]:
   want = []
-  simulate.run(cfg, on_eval=want.append)  # one process, one device, the longer run
+  simulate.run(configure.load(None, SET + ["devices=1", f"duration_s={duration}"]), on_eval=want.append)
+  return want
 
+
+def test_two_processes_match_one(tmp_path):
+  _two_processes(tmp_path, _one_process(0.4), resume=False)
+
+
+@pytest.mark.slow
+def test_two_processes_resume_a_run(tmp_path):
+  _two_processes(tmp_path, _one_process(0.6), resume=True)
+
+
+def _two_processes(tmp_path, want: list[dict], resume: bool):
   out = tmp_path / "run"
   _launch(["--set", *SET, "--out", str(out)])
   # process 0 wrote the run directory; process 1 wrote nothing anywhere in it
@@ -74,6 +85,8 @@ def test_two_processes_match_one_and_resume(tmp_path):
   first = _records(out / "metrics.jsonl")
   _assert_same(first, want[:len(first)])
 
+  if not resume:
+    return
   # both processes read the checkpoint of the shared directory and continue the run
   _launch(["--resume", str(out), "--set", "duration_s=0.6"])
   _assert_same(_records(out / "metrics.jsonl"), want)
