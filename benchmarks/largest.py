@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -66,22 +65,33 @@ def run_one(model: str, n: int, rounds: int, limit_gb: float, tiny: bool, data_d
                  f"eval.nodes={min(n, 64)}", "eval.test_subsample=500"]
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "run")
-    cmd = [sys.executable, "-m", "divjax.cli", "run", *([path] if path else []), "--set", *sets,
-           "--out", out, "--quiet", "--no-cache"]
+    rss = os.path.join(tmp, "rss")
+    # GNU time writes this run's own peak resident set (KiB) to a file
+    cmd = ["/usr/bin/time", "-f", "%M", "-o", rss, sys.executable, "-m", "divjax.cli", "run",
+           *([path] if path else []), "--set", *sets, "--out", out, "--quiet", "--no-cache"]
     w0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - w0
+    peak = _peak_gb(rss)
     if r.returncode:
-      return {"n": n, "status": "failed", "exit": r.returncode, "error": r.stderr.strip().splitlines()[-3:]}
+      return {"n": n, "status": "failed", "exit": r.returncode, "peak_rss_gb": peak, "wall_s": wall,
+              "error": r.stderr.strip().splitlines()[-3:]}
     s = json.load(open(os.path.join(out, "summary.json")))
     conf = open(os.path.join(out, "config.yaml")).read()
   block = next((l.split(":", 1)[1].strip() for l in conf.splitlines() if l.startswith("train_block:")), None)
   return {"n": n, "status": s["status"], "p": s["n_params"], "rounds": rounds,
           "estimate_gb": s["memory"]["estimate_bytes"] / 1e9, "train_block": block,
-          "peak_rss_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20,
+          "peak_rss_gb": peak,
           "device_peak_gb": (s.get("device_peak_bytes") or 0) / 1e9 or None,
           "wall_s": wall, "compile_s": s["compile_s"], "node_steps_per_s": s["node_steps_per_s"],
           "device": s["device"]}
+
+
+def _peak_gb(path: str):
+  try:  # the last line: a killed run's file starts with a note from time
+    return int(open(path).read().split()[-1]) / 2**20
+  except (OSError, ValueError, IndexError):
+    return None
 
 
 def main():
@@ -91,6 +101,7 @@ def main():
   ap.add_argument("--start", type=int, default=1024)
   ap.add_argument("--rounds", type=int, default=2, help="rounds of the real run (default 2)")
   ap.add_argument("--estimate-only", action="store_true", help="only the estimates, no run")
+  ap.add_argument("--run", type=int, metavar="N", help="run this N (no search; the estimates are still listed)")
   ap.add_argument("--data-dir", default="../shared/data")
   ap.add_argument("--tiny", action="store_true")
   ap.add_argument("--json")
@@ -101,9 +112,11 @@ def main():
     fits = [(n, gb) for n, gb in tried if gb <= limit]
     row = {"model": args.model, "limit_gb": limit, "estimates_gb": {str(n): round(gb, 3) for n, gb in tried},
            "largest_estimated": fits[-1][0] if fits else None}
-    for n, _ in reversed(fits if not args.estimate_only else []):
-      row["run"] = run_one(args.model, n, args.rounds, limit, args.tiny, args.data_dir)
-      if row["run"]["status"] == "completed":
+    row["runs"] = []  # the largest first, then smaller until one completes
+    for n in ([args.run] if args.run else [] if args.estimate_only else [n for n, _ in reversed(fits)]):
+      row["runs"].append(run_one(args.model, n, args.rounds, limit, args.tiny, args.data_dir))
+      if row["runs"][-1]["status"] == "completed":
+        row["run"] = row["runs"][-1]
         break
     rows.append(row)
     print(json.dumps(row), flush=True)
