@@ -44,10 +44,11 @@ cat "$OUT/device.json" >&2
 
 if [[ -n "$TINY" ]]; then
   LIMIT=0.5; START=16; MLP_N="16 32"; GN_N="16"; STEPS=2048; LR="0.01 0.02"; SEEDS=2
+  GN_LIMIT=600; GN_STEPS=64   # two GN-LeNet compiles on a CPU take minutes
 else
   LIMIT=$($PY -c "import jax; b = (jax.devices()[0].memory_stats() or {}).get('bytes_limit'); print(round(0.9 * b / 1e9, 1) if b else 20)")
   START=16384; MLP_N="1024 4096 16384 65536"; GN_N="64 256 1024"; STEPS=$((1 << 22))
-  LR="0.005 0.01 0.02 0.03 0.05 0.07 0.1 0.2"; SEEDS=8
+  LR="0.005 0.01 0.02 0.03 0.05 0.07 0.1 0.2"; SEEDS=8; GN_LIMIT=90; GN_STEPS=8192
 fi
 
 step largest_mlp 120 $PY benchmarks/largest.py --model mlp --limit-gb "$LIMIT" --start "$START" $TINY \
@@ -55,7 +56,7 @@ step largest_mlp 120 $PY benchmarks/largest.py --model mlp --limit-gb "$LIMIT" -
 
 for impl in vmap fast; do
   if [[ -f "$DATA_DIR/cifar10.npz" ]]; then
-    step "gnlenet_$impl" 90 $PY benchmarks/scale.py --model gnlenet --nodes $GN_N --node-steps 8192 \
+    step "gnlenet_$impl" "$GN_LIMIT" $PY benchmarks/scale.py --model gnlenet --nodes $GN_N --node-steps "$GN_STEPS" \
       --data-dir "$DATA_DIR" --set "model_impl=$impl" $TINY --json "$OUT/gnlenet_$impl.json"
   else
     echo "{\"skipped\": \"no $DATA_DIR/cifar10.npz\"}" > "$OUT/gnlenet_$impl.json"
