@@ -385,7 +385,10 @@ def _finish(out: Path, cfg, sim, records, summary, status, error, signum, primar
   """Writes summary.json and the figure, reports, and returns the exit code. (A secondary
   process of a multi-process run only returns the exit code.)"""
   from divjax import plots
-  if not primary:
+  if not primary:  # process 0 reports; another process only says why it stopped, if it failed
+    if error:
+      import jax
+      print(f"process {jax.process_index()}: {error}", file=sys.stderr)
     return _exit_code(status, signum)
   try:
     _write_atomic(out / "summary.json", json.dumps(summary, indent=2, default=_json_default))

@@ -123,7 +123,8 @@ class State(NamedTuple):
 
   def ring_now(self) -> jax.Array:
     """The ring as the next round end reads it (with the pending snapshots written)."""
-    return ring_lib.write(self.ring, self.fresh.slot, self.fresh.x, self.fresh.slot >= 0)
+    slot = jnp.asarray(self.fresh.slot)
+    return ring_lib.write(jnp.asarray(self.ring), slot, jnp.asarray(self.fresh.x), slot >= 0)
 
 
 class Params(NamedTuple):

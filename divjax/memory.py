@@ -412,7 +412,7 @@ def estimate(sim) -> dict[str, int]:
 
 def device_limit(device=None) -> tuple[Optional[int], str]:
   """(bytes the run may use, where that number comes from); None when unknown."""
-  device = device or jax.devices()[0]
+  device = device or jax.local_devices()[0]
   stats = None
   try:
     stats = device.memory_stats()

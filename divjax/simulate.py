@@ -301,7 +301,7 @@ def run_summary(sim: Simulation, records: list[dict], status: str, divergence: O
 def device_peak_bytes() -> Optional[int]:
   """The accelerator's own peak of allocated bytes in this process (None where the device
   reports none, as on a CPU: the process's resident memory is the measure there)."""
-  stats = jax.devices()[0].memory_stats() or {}
+  stats = jax.local_devices()[0].memory_stats() or {}
   return stats.get("peak_bytes_in_use")
 
 
