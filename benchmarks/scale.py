@@ -30,10 +30,9 @@ import subprocess
 import sys
 import time
 
-MLP = ["task=synthetic", "model=mlp", "hidden=[64]", "data.dim=32", "data.samples_per_node=128",
-       "fragments=8", "recipients=3", "local_steps=16", "batch_size=8", "lr=0.02",
-       "network.upload_mbps=4", "network.download_mbps=4", "network.stragglers.fraction=0.125",
-       "network.stragglers.slowdown=5", "duration_s=100", "eval_every_s=100"]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from overhead import BASE as MLP  # noqa: E402  (the same MLP workload as overhead.py's)
+
 GNLENET = ["batch_size=8", "local_steps=4", "devices=1", "duration_s=100", "eval_every_s=100",
            "eval.test_subsample=500"]
 TINY = ["hidden=[8]", "data.dim=4", "data.samples_per_node=16", "local_steps=4"]
