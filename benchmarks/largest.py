@@ -67,8 +67,10 @@ def run_one(model: str, n: int, rounds: int, limit_gb: float, tiny: bool, data_d
     out = os.path.join(tmp, "run")
     rss = os.path.join(tmp, "rss")
     # GNU time writes this run's own peak resident set (KiB) to a file
-    cmd = ["/usr/bin/time", "-f", "%M", "-o", rss, sys.executable, "-m", "divjax.cli", "run",
+    cmd = [sys.executable, "-m", "divjax.cli", "run",
            *([path] if path else []), "--set", *sets, "--out", out, "--quiet", "--no-cache"]
+    if os.path.exists("/usr/bin/time"):  # absent on some machines: then no resident-set peak
+      cmd = ["/usr/bin/time", "-f", "%M", "-o", rss] + cmd
     w0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - w0

@@ -152,7 +152,7 @@ def main():
                       args.repeats, args.tiny, args.data_dir, args.set)
     print("ROW " + json.dumps(row), flush=True)
     return
-  rows = []
+  rows, failed = [], []
   for n in args.nodes:  # each N in a fresh process: its own peak memory, no cache effects
     cmd = [sys.executable, os.path.abspath(__file__), "--one", str(n), "--model", args.model,
            "--node-steps", str(args.node_steps), "--repeats", str(args.repeats), "--data-dir", args.data_dir,
@@ -160,16 +160,25 @@ def main():
     out = subprocess.run(cmd + (["--tiny"] if args.tiny else []), capture_output=True, text=True)
     line = next((l for l in out.stdout.splitlines() if l.startswith("ROW ")), None)
     if out.returncode or line is None:
-      sys.exit(f"N = {n} failed:\n{out.stderr[-3000:]}")
+      print(f"N = {n} failed:\n{out.stderr[-3000:]}", file=sys.stderr, flush=True)
+      failed.append({"n": n, "failed": True, "exit": out.returncode, "error": out.stderr.strip().splitlines()[-3:]})
+      break  # a larger N would fail too (memory) or take longer
     rows.append(json.loads(line[4:]))
     print(f"N = {n}: overhead {rows[-1]['overhead']:.2f}x, "
           f"{rows[-1]['node_steps_per_cpu_s']:,.0f} node-steps per CPU-s", file=sys.stderr, flush=True)
+    if args.json:  # after every N: a time limit that stops the script keeps the rows measured
+      with open(args.json, "w") as f:
+        json.dump(rows, f, indent=1)
+  if failed and args.json:
+    with open(args.json, "w") as f:
+      json.dump(rows + failed, f, indent=1)
+  if not rows:
+    sys.exit(1)
   print(f"{args.model} {' '.join(args.set)}, {rows[0]['device']}, {time.strftime('%Y-%m-%d %H:%M')}, "
         f"load average {os.getloadavg()[0]:.1f}")
   print(table(rows))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(rows, f, indent=1)
+  if failed:
+    sys.exit(1)
 
 
 if __name__ == "__main__":
