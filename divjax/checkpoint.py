@@ -217,6 +217,12 @@ _ADDED = {
     "fresh_slot": lambda shape, dtype: np.full(shape, -1, dtype),
 }
 
+# Arrays that grew: the fate counts gained OVERFLOW (divjax.inbox), zero in an older checkpoint.
+_WIDENED = {
+    "counters_retired": lambda got, shape: np.concatenate(
+        [got, np.zeros((shape[0] - got.shape[0],), got.dtype)]) if got.shape[0] < shape[0] else got,
+}
+
 
 class Checkpointer:
   """Saves and restores the checkpoints of one run directory.
@@ -293,6 +299,8 @@ class Checkpointer:
       got = arrays.pop(name, None)
       if got is None and name in _ADDED:  # written before this array existed
         got = _ADDED[name](shape, dtype)
+      if got is not None and name in _WIDENED and got.shape != shape:
+        got = _WIDENED[name](got, shape)
       if got is None:
         raise CheckpointError(f"{self.directory / str(tick)}: array {name!r} is missing "
                               f"(written by a different algorithm or version?)")

@@ -152,6 +152,41 @@ class ObserveConfig(_Strict):
   grad_norm: bool = False
 
 
+class ByzantineConfig(_Strict):
+  """Byzantine nodes (divjax.byzantine): they train like the others but send an attack
+  instead of their model. Chosen like stragglers: explicit ids, or round(fraction * n_nodes)
+  drawn from the data seed. attack:
+    sign_flip  -scale x (own model x; scale 1 by default)
+    gaussian   x + scale N(0, I) (scale 1 by default)
+    alie       mean - z std of the honest models, coordinate-wise ("a little is enough",
+               Baruch et al. 2019; z by default their z_max for n_nodes and the Byzantine count)
+    ipm        -scale mean of the honest models (inner-product manipulation, Xie et al. 2020;
+               scale 0.1 by default)"""
+  fraction: float = Field(0.0, ge=0.0, lt=1.0)
+  nodes: Optional[list[int]] = None
+  attack: Literal["sign_flip", "gaussian", "alie", "ipm"] = "sign_flip"
+  scale: Optional[float] = Field(None, gt=0.0)
+  z: Optional[float] = Field(None, gt=0.0)
+
+
+class AggregationConfig(_Strict):
+  """How receivers combine copies (divjax.robust). rule "mean" is the algorithm's own rule;
+  the robust rules replace a uniform mean, per coordinate, over the own model and every copy:
+    median               coordinate-wise median
+    trimmed_mean         drop the `trim` largest and smallest values (fewer when fewer remain)
+    centered_clip        v <- v + mean(clip(y - v, clip_tau)) for clip_iters iterations from
+                         the node's previous aggregate (Karimireddy et al. 2021)
+    self_centered_clip   x + mean(clip(y - x, clip_tau)) around the own model (He et al. 2022)
+  clip(z, tau) = z min(1, tau / ||z||), the norm over one fragment's coordinates.
+  inbox: at most this many copies per fragment reach an aggregation (the rest end as
+  `overflow`); robust rules need one (None: 4 x recipients), the mean may use one."""
+  rule: Literal["mean", "median", "trimmed_mean", "centered_clip", "self_centered_clip"] = "mean"
+  inbox: Optional[int] = Field(None, ge=1)
+  trim: int = Field(1, ge=0)
+  clip_tau: float = Field(1.0, gt=0.0)
+  clip_iters: int = Field(3, ge=1)
+
+
 class Config(_Strict):
   algorithm: str = "divshare"
   seed: int = Field(0, ge=0)
@@ -209,6 +244,8 @@ class Config(_Strict):
   init: InitConfig = InitConfig()
   observe: ObserveConfig = ObserveConfig()
   eval: EvalConfig = EvalConfig()
+  byzantine: ByzantineConfig = ByzantineConfig()
+  aggregation: AggregationConfig = AggregationConfig()
 
   @property
   def data_seed(self) -> int:
@@ -239,6 +276,17 @@ class Config(_Strict):
     nodes = self.network.stragglers.nodes
     if nodes is not None and any(not 0 <= i < self.n_nodes for i in nodes):
       raise ValueError(f"network.stragglers.nodes: ids must be in 0..{self.n_nodes - 1} (got {nodes})")
+    byz = self.byzantine.nodes
+    if byz is not None and any(not 0 <= i < self.n_nodes for i in byz):
+      raise ValueError(f"byzantine.nodes: ids must be in 0..{self.n_nodes - 1} (got {byz})")
+    if byz is not None and len(set(byz)) >= self.n_nodes:
+      raise ValueError(f"byzantine.nodes: at least one node must be honest (got all {self.n_nodes})")
+    if byz is None and round(self.byzantine.fraction * self.n_nodes) >= self.n_nodes:
+      raise ValueError(f"byzantine.fraction: at least one of the {self.n_nodes} nodes must be honest "
+                       f"(got {self.byzantine.fraction})")
+    if self.aggregation.inbox is not None and self.aggregation.inbox < self.recipients:
+      raise ValueError(f"aggregation.inbox: must be >= recipients = {self.recipients}, the copies of a "
+                       f"fragment one round sends (got {self.aggregation.inbox})")
     if self.devices != "auto" and self.n_nodes % self.devices:
       raise ValueError(f"devices: n_nodes = {self.n_nodes} must be a multiple of devices (got {self.devices})")
     if self.server.cohort is not None and self.server.cohort > self.n_nodes:

@@ -73,7 +73,25 @@ def resolve(cfg: Config) -> Config:
   if cfg.fragments is None:
     cfg = cfg.model_copy(update={"fragments": algorithms.PROPERTIES[cfg.algorithm].default_fragments})
   _check_fragments(cfg)
+  _check_wrappers(cfg)
   return cfg
+
+
+def _check_wrappers(cfg: Config) -> None:
+  """The byzantine and aggregation sections wrap an asynchronous algorithm (divjax.byzantine,
+  divjax.robust); a robust rule replaces a uniform mean over received copies."""
+  default = Config()
+  for key in ("byzantine", "aggregation"):
+    section = getattr(cfg, key)
+    if algorithms.PROPERTIES[cfg.algorithm].synchronous and section != getattr(default, key):
+      changed = [k for k in type(section).model_fields if getattr(section, k) != getattr(getattr(default, key), k)]
+      raise ConfigError(f"{key}.{changed[0]}: wraps the asynchronous engine's messages; algorithm "
+                        f"{cfg.algorithm!r} is synchronous: leave the {key} section out")
+  if cfg.aggregation != default.aggregation:
+    try:
+      algorithms.make(cfg).check()
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
 
 
 def _refuse_ignored(cfg: Config) -> None:

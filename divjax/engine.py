@@ -57,6 +57,7 @@ import numpy as np
 
 from divjax import clock, fates, queue, replies as replies_lib, ring as ring_lib
 from divjax import fragments as fragments_lib
+from divjax import inbox as inbox_lib
 from divjax import network as network_lib
 from divjax import nodes as nodes_lib
 from divjax import sampling
@@ -345,6 +346,11 @@ def due_copies(st: Static, s: State, p: Params, busy):
     msgs = msgs._replace(fate=fate_table)
   else:
     due = (msgs.fate == fates.DELIVERED) & (msgs.tick == t)
+    if st.alg.inbox is not None:  # at most K copies per (receiver, fragment): the rest overflow
+      over = inbox_lib.overflow(ring_lib.Copies(due, rows, slots, msgs.dst, msgs.frag, None), s.nodes.rounds,
+                                inbox_lib.seed(p.key), st.f, st.alg.inbox)
+      msgs = msgs._replace(fate=jnp.where(over, fates.OVERFLOW, msgs.fate))
+      due = due & ~over
   age = jnp.broadcast_to((t - msgs.slot_tick)[..., None], rows.shape)
   pushes = ring_lib.Copies(due, rows, slots, msgs.dst, msgs.frag, age)
   if st.pairwise:  # the pings carry nothing to average; the replies complete exchanges
@@ -388,7 +394,11 @@ def end_rounds(st: Static, s: State, p: Params, ends) -> State:
   # c. retire slot r % D (its records are all final by now); the snapshot goes into it at the
   # next round end
   old = msgs.fate[nodes, k] if rep is None else jnp.concatenate([msgs.fate[nodes, k], rep.fate[nodes, k]], axis=1)
-  fresh = Fresh(x_own.astype(s.ring.dtype), jnp.where(ends, k, -1).astype(jnp.int32))
+  sent = x_own
+  if st.alg.snapshot is not None:  # what the nodes send instead of their own model (wrappers)
+    sent = fragments_lib.to_layout(st.alg.snapshot(
+        s.nodes.params, sampling.stream(p.key, sampling.STREAM_SNAPSHOT), s.nodes.rounds), frags)
+  fresh = Fresh(sent.astype(s.ring.dtype), jnp.where(ends, k, -1).astype(jnp.int32))
 
   # d. the new round's messages and their fates
   new_msgs, backlog = send(st, s._replace(msgs=msgs), p, ends, busy, k)

@@ -7,7 +7,10 @@ completion (queue.enqueue) and its link latency:
              slot holding its payload is reused then),
   delivered  otherwise, at the receiver's first round end at or after the arrival, and
   superseded if a newer copy of the same (sender, fragment) is consumed by the same
-             aggregation at the same receiver (counted as delivered, payload unused).
+             aggregation at the same receiver (counted as delivered, payload unused),
+  overflow   if the algorithm's inbox holds K copies per fragment and more are due at one
+             aggregation (divjax.inbox; decided at that round end; counted as delivered,
+             payload unused).
 Every record ends as exactly one of these (or is still in flight), so the counts add up.
 """
 
@@ -19,8 +22,8 @@ import numpy as np
 
 from divjax import clock
 
-NONE, DELIVERED, SUPERSEDED, FLUSHED, EXPIRED = 0, 1, 2, 3, 4
-FATES = ("none", "delivered", "superseded", "flushed", "expired")
+NONE, DELIVERED, SUPERSEDED, FLUSHED, EXPIRED, OVERFLOW = 0, 1, 2, 3, 4, 5
+FATES = ("none", "delivered", "superseded", "flushed", "expired", "overflow")
 
 
 def at_send(t, completion, arrival, round_ticks, round_ticks_dst, depth: int, dt_us: int, flush: bool):
@@ -86,16 +89,17 @@ def counts(fate, tick, retired, sent, now) -> dict:
   by = [retired[i] + jnp.sum((fate == i) & happened, dtype=jnp.int32) for i in range(len(FATES))]
   return {
       "msgs_sent": jnp.asarray(sent, jnp.int32),
-      "msgs_delivered": by[DELIVERED] + by[SUPERSEDED],
+      "msgs_delivered": by[DELIVERED] + by[SUPERSEDED] + by[OVERFLOW],
       "msgs_superseded": by[SUPERSEDED],
+      "msgs_overflow": by[OVERFLOW],
       "msgs_flushed": by[FLUSHED],
       "msgs_expired": by[EXPIRED],
       "msgs_in_flight": jnp.sum((fate != NONE) & ~happened, dtype=jnp.int32),
   }
 
 
-COUNT_KEYS = ("msgs_sent", "msgs_delivered", "msgs_superseded", "msgs_flushed", "msgs_expired",
-              "msgs_in_flight")
+COUNT_KEYS = ("msgs_sent", "msgs_delivered", "msgs_superseded", "msgs_overflow", "msgs_flushed",
+              "msgs_expired", "msgs_in_flight")
 
 
 def to_host(counts: dict) -> dict:

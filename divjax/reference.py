@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from divjax import fragments as fragments_lib
+from divjax import inbox as inbox_lib
 from divjax import network as network_lib
 from divjax import sampling
 from divjax.algorithms.base import AsyncAlgorithm, Received
@@ -35,9 +36,10 @@ class Event(enum.IntEnum):
   """Event kinds, in the order same-instant events are processed."""
   UPLOADED = -1   # a message leaves its sender's queue (before anything else at that instant)
   STEP = 0        # a node finishes a local step
-  ARRIVE = 1      # a message reaches its receiver
-  AGGREGATE = 2   # a node that ended a round averages what it received
-  SEND = 3        # ... then starts its next round's sends
+  SNAPSHOT = 1    # a node that ended a round takes what it sends (after every step of the instant)
+  ARRIVE = 2      # a message reaches its receiver
+  AGGREGATE = 3   # a node that ended a round averages what it received
+  SEND = 4        # ... then starts its next round's sends
 
 
 @dataclass(eq=False)  # messages are compared by identity
@@ -92,6 +94,8 @@ class _Sim:
     self.pairwise = self.reply and alg.replies.pairwise
     k_batch = sampling.stream(run_key, sampling.STREAM_BATCH)
     k_plan = sampling.stream(run_key, sampling.STREAM_PLAN)
+    self.k_snapshot = sampling.stream(run_key, sampling.STREAM_SNAPSHOT)
+    self.inbox_seed = np.uint32(inbox_lib.seed(run_key))
     x0 = np.asarray(task.initial_models(run_key, cfg.n_nodes, cfg.init.spread), np.float32)
     self.nodes = [Node(p.copy(), np.zeros_like(p), alg.reference_init(p)) for p in x0]
     self.observe = cfg.observe.versions   # divjax.versions, written plainly here
@@ -103,7 +107,7 @@ class _Sim:
                                                                 cfg.batch_size))
     self.plan_fn = jax.jit(lambda i, r: alg.plan(k_plan, i, r))
     self.x_train, self.y_train = np.asarray(task.x_train), np.asarray(task.y_train)
-    self.counts = dict(sent=0, delivered=0, superseded=0, flushed=0, expired=0)
+    self.counts = dict(sent=0, delivered=0, superseded=0, overflow=0, flushed=0, expired=0)
     self.age_sum, self.age_count = 0, 0
     self.events, self.seq = [], itertools.count()
     for i in range(cfg.n_nodes):
@@ -135,7 +139,7 @@ class _Sim:
 
   def run(self):
     handlers = {Event.STEP: self.on_step, Event.ARRIVE: self.on_arrive, Event.AGGREGATE: self.on_aggregate,
-                Event.SEND: self.on_send, Event.UPLOADED: self.on_uploaded}
+                Event.SEND: self.on_send, Event.UPLOADED: self.on_uploaded, Event.SNAPSHOT: self.on_snapshot}
     while self.events and self.events[0][0] <= self.horizon:
       now, kind, _, _, data = heapq.heappop(self.events)
       handlers[kind](now, data)
@@ -149,16 +153,26 @@ class _Sim:
     node.params = (node.params - np.float32(cfg.lr) * node.momentum).astype(np.float32)
     node.steps += 1
     self.push(self.step_time(i, node.steps + 1), Event.STEP, i)
-    if node.steps % self.h == 0:
-      snapshot = node.params.copy()  # post-training, pre-aggregation model
-      if cfg.ring_dtype != "float32":  # payloads travel rounded (config ring_dtype)
-        snapshot = np.asarray(jnp.asarray(snapshot).astype(cfg.ring_dtype).astype(jnp.float32))
-      vec = None
-      if node.known is not None:     # its version: rounds of training it holds; before any merge
-        node.known[i] = node.rounds + 1
-        vec = node.known.copy()
-      self.push(now, Event.AGGREGATE, i, key=(i,))  # same-instant round ends in node order
-      self.push(now, Event.SEND, (i, snapshot, vec))
+    if node.steps % self.h == 0 and self.alg.reference_snapshot is not None:
+      self.push(now, Event.SNAPSHOT, i, key=(i,))  # once every node's steps of this instant are done
+    elif node.steps % self.h == 0:
+      self.on_snapshot(now, i)
+
+  def on_snapshot(self, now, i):
+    """The round's end: what node i sends, then its aggregation and its sends."""
+    node, cfg = self.nodes[i], self.cfg
+    snapshot = node.params.copy()  # post-training, pre-aggregation model
+    if self.alg.reference_snapshot is not None:  # what it sends instead (wrappers)
+      models = np.stack([nd.params for nd in self.nodes])
+      snapshot = np.asarray(self.alg.reference_snapshot(i, models, self.k_snapshot, node.rounds), np.float32)
+    if cfg.ring_dtype != "float32":  # payloads travel rounded (config ring_dtype)
+      snapshot = np.asarray(jnp.asarray(snapshot).astype(cfg.ring_dtype).astype(jnp.float32))
+    vec = None
+    if node.known is not None:     # its version: rounds of training it holds; before any merge
+      node.known[i] = node.rounds + 1
+      vec = node.known.copy()
+    self.push(now, Event.AGGREGATE, i, key=(i,))  # same-instant round ends in node order
+    self.push(now, Event.SEND, (i, snapshot, vec))
 
   def on_uploaded(self, now, msg):
     """Upload done: the message leaves the queue and travels for the link latency."""
@@ -200,8 +214,14 @@ class _Sim:
   def on_aggregate(self, now, i):
     """The algorithm's rule over what arrived; pairwise exchanges average both partners."""
     node = self.nodes[i]
-    received = []
-    for msg in node.buffer.values():
+    received, arrived = [], list(node.buffer.values())
+    if self.alg.inbox is not None:  # at most K copies per fragment: the rest overflow
+      arrived, over = inbox_lib.reference_keep(arrived, self.inbox_seed, i, node.rounds, self.alg.inbox)
+      for msg in over:
+        msg.status = "overflow"
+        self.counts["delivered"] += 1
+        self.counts["overflow"] += 1
+    for msg in arrived:
       if node.known is not None and self.observe == "relay":
         node.known = np.maximum(node.known, msg.versions)
       elif node.known is not None:   # direct: only the sender's own version
@@ -227,7 +247,7 @@ class _Sim:
       self.counts["delivered"] += 1
       self.counts["superseded"] += 1
     if self.trace is not None:
-      self.trace.extend((now, "used", m) for m in node.buffer.values())
+      self.trace.extend((now, "used", m) for m in arrived)
       self.trace.extend((now, "superseded", m) for m in node.replaced)
     node.params, node.alg_state = self.alg.reference_aggregate(i, node.params, received, node.alg_state)
     node.buffer, node.replaced = {}, []
@@ -278,6 +298,7 @@ class _Sim:
         "msgs_sent": c["sent"],
         "msgs_delivered": c["delivered"],
         "msgs_superseded": c["superseded"],
+        "msgs_overflow": c["overflow"],
         "msgs_flushed": c["flushed"],
         "msgs_expired": c["expired"],
         "msgs_in_flight": len(alive) + sum(len(nd.replaced) for nd in nodes),
@@ -384,7 +405,7 @@ def simulate_sync(cfg: Config, task, protocol, n_ticks: int, run_key: Optional[j
     rounds += 1
     now += finish
 
-  out = {"msgs_sent": int(sent), "msgs_delivered": int(sent), "msgs_superseded": 0,
+  out = {"msgs_sent": int(sent), "msgs_delivered": int(sent), "msgs_superseded": 0, "msgs_overflow": 0,
          "msgs_flushed": 0, "msgs_expired": 0, "msgs_in_flight": 0, "age_sum": 0, "age_count": 0,
          "steps": steps, "rounds": np.full(n, rounds), "time_us": now}
   return params, out

@@ -12,6 +12,8 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from divjax import inbox as inbox_lib
+
 ROUTE_FLOATS = 1 << 22  # a routing step gathers at most about this many payload floats
 
 
@@ -96,6 +98,10 @@ class Inbox(NamedTuple):
   copies: tuple     # of Copies: the round's pushes, then (push-pull) the replies
   ends: Optional[jax.Array] = None   # (N,) bool, the nodes ending a round now
   slot: Optional[jax.Array] = None   # (N,) int32, the ring slot their new snapshot goes to
+
+  def gather(self, k: int):
+    """Every due copy: values (N, F, K, L) float32 and valid (N, F, K) (divjax.inbox)."""
+    return inbox_lib.gather(self.ring, self.copies, k)
 
   def sum(self, weight: Optional[callable] = None):
     sums = counts = None

@@ -35,4 +35,23 @@ DEFAULT_FRAGMENTS = {a: p.default_fragments for a, p in PROPERTIES.items() if p.
 
 
 def make(cfg):
-  return REGISTRY[cfg.algorithm](cfg)
+  """The algorithm of a config, with the wrappers its sections ask for (byzantine, aggregation)."""
+  alg = REGISTRY[cfg.algorithm](cfg)
+  if PROPERTIES[cfg.algorithm].synchronous:
+    return alg
+  from divjax import byzantine, robust  # noqa: PLC0415  (they import algorithms.base)
+  agg = cfg.aggregation
+  if agg.rule != "mean":
+    alg = robust.with_robust_aggregation(alg, agg.rule, inbox_size(cfg), trim=agg.trim, tau=agg.clip_tau,
+                                         iters=agg.clip_iters)
+  elif agg.inbox is not None:
+    alg = robust.with_bounded_inbox(alg, agg.inbox)
+  if byzantine.ids(cfg).size:
+    alg = byzantine.with_byzantine(alg, byzantine.mask(cfg), cfg.byzantine.attack, cfg.byzantine.scale,
+                                   cfg.byzantine.z)
+  return alg
+
+
+def inbox_size(cfg) -> int:
+  """K, copies per (receiver, fragment) an aggregation reads: aggregation.inbox, by default 4 J."""
+  return cfg.aggregation.inbox if cfg.aggregation.inbox is not None else 4 * cfg.recipients

@@ -95,6 +95,13 @@ class AsyncAlgorithm(NamedTuple):
     queue: flush or not.
     replies: None, or how receivers reply (replies need F = 1 and no flush).
     payload_bits: (F,) fragment sizes in floats -> (F,) payload bits of a message.
+    snapshot: None (a node sends its post-training model), or what the nodes send instead:
+      (models (N, P), key, rounds (N,)) -> (N, P), from every node's current model at a round
+      end (wrappers: divjax.byzantine); key is the run's STREAM_SNAPSHOT stream.
+    reference_snapshot: the same for node i in numpy: (i, models (N, P), key, round) -> (P,).
+    inbox: None, or K: at most K copies per (receiver, fragment) reach one aggregation; the
+      rest end as OVERFLOW (a seeded random choice of which, divjax.inbox). Rules that need every
+      copy (divjax.robust) read them with `Inbox.gather(K)`.
   """
   name: str
   fragments: int
@@ -108,10 +115,15 @@ class AsyncAlgorithm(NamedTuple):
   queue: QueuePolicy = QueuePolicy()
   replies: Optional[ReplyPolicy] = None
   payload_bits: Callable[[np.ndarray], np.ndarray] = whole_model_bits
+  snapshot: Optional[Callable] = None
+  reference_snapshot: Optional[Callable] = None
+  inbox: Optional[int] = None
 
   def check(self) -> None:
     if self.replies is not None and (self.queue.flush or self.fragments != 1):
       raise ValueError(f"algorithm {self.name}: replies need whole models (fragments = 1) and no flush")
+    if self.inbox is not None and self.replies is not None:
+      raise ValueError(f"algorithm {self.name}: a bounded inbox needs an algorithm without replies")
 
 
 class SyncProtocol(NamedTuple):

@@ -1,0 +1,140 @@
+"""Robust aggregation: a wrapper that replaces an averaging rule with a Byzantine-robust one.
+
+A receiver ending a round combines, fragment by fragment, its own post-training model x and
+the copies y_1..y_c it received (at most K of them: divjax.inbox), m = c + 1 values per
+coordinate:
+
+  median               the coordinate-wise median of the m values
+  trimmed_mean         the mean after dropping the b largest and b smallest values,
+                       b = min(trim, (m - 1) // 2)
+  self_centered_clip   x + (1/m) sum_j clip(y_j - x, tau)          (He, Karimireddy & Jaggi
+                       2022, "Byzantine-robust decentralized learning via ClippedGossip",
+                       uniform weights over the node and its copies)
+  centered_clip        v <- v + (1/m) sum_{all m values} clip(y - v, tau), clip_iters times,
+                       from v = the node's previous aggregate (Karimireddy, He & Jaggi 2021,
+                       "Learning from history": the center is the last round's result)
+
+with clip(z, tau) = z min(1, tau / ||z||), the norm over one fragment's coordinates. A
+fragment with no copy keeps the own value (m = 1), as a uniform mean does. The engine reads
+the copies as a (N, F, K, L) block (Inbox.gather); `reference_aggregate` is the same rule
+for one node in numpy.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from divjax.algorithms.base import AsyncAlgorithm, uniform_mean
+
+RULES = ("median", "trimmed_mean", "centered_clip", "self_centered_clip")
+
+
+def _sorted(x, vals, valid):
+  """The m values of each coordinate, sorted, invalid ones last (+inf); and m (N, F)."""
+  allv = jnp.concatenate([x[:, :, None], vals], axis=2)                                       # (N, F, K+1, L)
+  ok = jnp.concatenate([jnp.ones(valid.shape[:2] + (1,), bool), valid], axis=2)
+  return jnp.sort(jnp.where(ok[..., None], allv, jnp.inf), axis=2), jnp.sum(ok, axis=2)
+
+
+def median(x, vals, valid):
+  srt, m = _sorted(x, vals, valid)
+  take = lambda j: jnp.take_along_axis(srt, j[:, :, None, None], axis=2)[:, :, 0]
+  return (take((m - 1) // 2) + take(m // 2)) / 2
+
+
+def trimmed_mean(x, vals, valid, trim: int):
+  srt, m = _sorted(x, vals, valid)
+  b = jnp.minimum(trim, (m - 1) // 2)
+  j = jnp.arange(srt.shape[2])[None, None, :]
+  keep = (j >= b[..., None]) & (j < (m - b)[..., None])
+  return jnp.sum(jnp.where(keep[..., None], srt, 0.0), axis=2) / jnp.sum(keep, axis=2)[..., None]
+
+
+def _clip(d, tau):
+  norm = jnp.sqrt(jnp.sum(d * d, axis=-1, keepdims=True))
+  return d * jnp.minimum(1.0, tau / jnp.maximum(norm, 1e-30))
+
+
+def self_centered_clip(x, vals, valid, tau: float):
+  d = jnp.where(valid[..., None], _clip(vals - x[:, :, None], tau), 0.0)
+  return x + jnp.sum(d, axis=2) / (1.0 + jnp.sum(valid, axis=2))[..., None]
+
+
+def centered_clip(x, vals, valid, center, tau: float, iters: int):
+  allv = jnp.concatenate([x[:, :, None], vals], axis=2)
+  ok = jnp.concatenate([jnp.ones(valid.shape[:2] + (1,), bool), valid], axis=2)
+  m = jnp.sum(ok, axis=2)[..., None]
+  v = center
+  for _ in range(iters):
+    v = v + jnp.sum(jnp.where(ok[..., None], _clip(allv - v[:, :, None], tau), 0.0), axis=2) / m
+  return jnp.where(m > 1, v, x)  # a fragment with no copy keeps the own value
+
+
+# ---- the same rules, one node, one fragment, numpy: values (m, len), own first
+
+
+def _np_clip(d, tau):
+  norm = np.sqrt(np.sum(d.astype(np.float64) ** 2))
+  return d * min(1.0, tau / max(norm, 1e-30))
+
+
+def reference_rule(rule: str, values: np.ndarray, center, trim: int, tau: float, iters: int) -> np.ndarray:
+  m = values.shape[0]
+  if rule == "median":
+    return np.median(values, axis=0)
+  if rule == "trimmed_mean":
+    b = min(trim, (m - 1) // 2)
+    return np.sort(values, axis=0)[b:m - b].mean(0)
+  if rule == "self_centered_clip":
+    x = values[0]
+    return x + sum(_np_clip(y - x, tau) for y in values[1:]) / m
+  v = center.astype(np.float64)
+  for _ in range(iters):
+    v = v + sum(_np_clip(y - v, tau) for y in values) / m
+  return v
+
+
+def with_robust_aggregation(alg: AsyncAlgorithm, rule: str, k: int, *, trim: int = 1, tau: float = 1.0,
+                            iters: int = 3) -> AsyncAlgorithm:
+  """`alg`, whose rule must be the uniform mean, aggregating with `rule` over at most `k`
+  copies per fragment."""
+  if rule not in RULES:
+    raise ValueError(f"aggregation.rule: must be mean or one of {', '.join(RULES)} (got {rule!r})")
+  if alg.aggregate is not uniform_mean or alg.replies is not None:
+    raise ValueError(f"aggregation.rule: {rule} replaces a uniform mean over received copies; algorithm "
+                     f"{alg.name!r} has its own rule or replies (use divshare, swift)")
+  centered = rule == "centered_clip"
+
+  def aggregate(x, inbox, state):
+    vals, valid = inbox.gather(k)
+    if rule == "median":
+      return median(x, vals, valid), state
+    if rule == "trimmed_mean":
+      return trimmed_mean(x, vals, valid, trim), state
+    if rule == "self_centered_clip":
+      return self_centered_clip(x, vals, valid, tau), state
+    out = centered_clip(x, vals, valid, state, tau, iters)
+    return out, jnp.where(inbox.ends[:, None, None], out, state)   # the next round's center
+
+  def reference_aggregate(i, own, received, state):
+    out = own.astype(np.float32).copy()
+    by_frag: dict = {}
+    for c in received:
+      by_frag.setdefault(int(c.coords[0]), []).append(c)
+    for group in by_frag.values():
+      coords = group[0].coords
+      values = np.stack([own[coords]] + [c.payload for c in group]).astype(np.float32)
+      center = state[coords] if centered else None
+      out[coords] = reference_rule(rule, values, center, trim, tau, iters)
+    return out.astype(np.float32), (out.copy() if centered else state)
+
+  init = (lambda x0, dims: x0) if centered else alg.init
+  reference_init = (lambda x0: x0.astype(np.float32).copy()) if centered else alg.reference_init
+  return alg._replace(aggregate=aggregate, reference_aggregate=reference_aggregate, init=init,
+                      reference_init=reference_init, inbox=k)
+
+
+def with_bounded_inbox(alg: AsyncAlgorithm, k: int) -> AsyncAlgorithm:
+  """`alg`'s own rule over at most `k` copies per fragment (the rest overflow)."""
+  return alg._replace(inbox=k)
