@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from divjax import algorithms, engine as engine_lib, fates, sharding, sync, tasks, versions
+from divjax import algorithms, byzantine, engine as engine_lib, fates, sharding, sync, tasks, versions
 from divjax.config import Config
 
 
@@ -115,6 +115,9 @@ def evaluate(sim: Simulation, state) -> dict:
       "acc_avg_model": float(avg["acc"][0]),
       "consensus": float(_consensus(whole)),
   }
+  byz = byzantine.mask(sim.cfg)
+  if byz.any():  # honest and Byzantine nodes apart: the attackers' own accuracy means nothing
+    rec.update(_honest_metrics(sim, ev, whole, byz))
   if sim.cfg.eval.test_subsample is not None:  # say what was evaluated, only when it is not all
     rec["eval_test"] = int(min(sim.cfg.eval.test_subsample, _n_test(sim.task)))
   if sim.cfg.eval.nodes is not None:
@@ -128,6 +131,18 @@ def evaluate(sim: Simulation, state) -> dict:
   if sim.cfg.observe.versions != "off":  # per-pair version ages, in rounds (divjax.versions)
     rec["version_age_mean"], rec["version_age_max"] = versions.staleness(state.versions.known)
   return rec
+
+
+def _honest_metrics(sim: Simulation, ev: Optional[dict], whole, byz: np.ndarray) -> dict:
+  """acc_mean/acc_min/loss_mean of the honest nodes evaluated, acc_mean of the Byzantine ones,
+  and the honest nodes' average model's accuracy."""
+  ids = eval_node_ids(sim.cfg)
+  b = byz if ids is None else byz[ids]
+  pick = lambda f, k, m: None if ev is None or not m.any() else float(f(np.asarray(ev[k])[m]))
+  honest_avg = sharding.to_host(sim.task.evaluate(whole[np.flatnonzero(~byz)].mean(0, keepdims=True)))
+  return {"acc_mean_honest": pick(np.mean, "acc", ~b), "acc_min_honest": pick(np.min, "acc", ~b),
+          "loss_mean_honest": pick(np.mean, "loss", ~b), "acc_mean_byzantine": pick(np.mean, "acc", b),
+          "acc_avg_model_honest": float(honest_avg["acc"][0])}
 
 
 def finite(x) -> bool:
@@ -349,8 +364,9 @@ def _cache_entries(where: Optional[str]) -> int:
 
 def headline(records: list[dict]) -> str:
   """The accuracy the target and the best value read: acc_mean, or acc_avg_model when only the
-  average model was evaluated (eval.nodes = 0)."""
-  return "acc_avg_model" if records and records[0]["acc_mean"] is None else "acc_mean"
+  average model was evaluated (eval.nodes = 0); the honest nodes' when some are Byzantine."""
+  suffix = "_honest" if records and "acc_mean_honest" in records[0] else ""
+  return ("acc_avg_model" if records and records[0]["acc_mean"] is None else "acc_mean") + suffix
 
 
 def time_to_target(records: list[dict], target: Optional[float], key: Optional[str] = None) -> Optional[float]:

@@ -166,12 +166,14 @@ def test_a_checkpoint_from_before_a_key_existed_resumes_at_its_default():
 
 def test_a_checkpoint_from_before_pending_snapshots_resumes_exactly(tmp_path):
   """Older engines wrote a round end's snapshots into the ring at once; their checkpoints have
-  no engine.Fresh arrays, and restore as 'nothing pending', continuing the same simulation."""
+  no engine.Fresh arrays, and restore as 'nothing pending', continuing the same simulation.
+  They also counted five fates (no OVERFLOW): restored with a zero count."""
   sim = simulate.build(tiny_config())
   run = simulate.compile_chunk(sim, sim.engine.init(sim.run_key), 8)
   state, _ = run(sim.engine.init(sim.run_key), sim.params)                  # two rounds
   assert bool((state.fresh.slot >= 0).any())
-  older = state._replace(ring=state.ring_now(), fresh=None)                 # what an older engine held
+  older = state._replace(ring=state.ring_now(), fresh=None,                 # what an older engine held
+                         counters=state.counters._replace(retired=state.counters.retired[:5]))  # no OVERFLOW
   ckpt = checkpoint.Checkpointer(tmp_path, template=jax.eval_shape(sim.engine.init, sim.run_key))
   ckpt.save(older, [{"tick": int(state.tick)}])
   restored, _ = ckpt.restore()

@@ -107,12 +107,12 @@ def test_newest_per_sender_keeps_the_last_upload():
 
 
 def test_retire_and_counts_add_up():
-  retired = fates.retire(jnp.zeros(5, jnp.int32), jnp.array([[1, 3], [4, 2]]), jnp.array([True, False]))
-  chex.assert_trees_all_equal(retired, jnp.array([0, 1, 0, 1, 0]))
-  c = fates.to_host(jax.jit(fates.counts)(jnp.array([1, 2, 3, 4, 1]), jnp.array([2, 2, 2, 2, 9]),
-                                          retired, 7, 5))
-  assert c == {"msgs_sent": 7, "msgs_delivered": 3, "msgs_superseded": 1, "msgs_flushed": 2,
-               "msgs_expired": 1, "msgs_in_flight": 1}
+  retired = fates.retire(jnp.zeros(6, jnp.int32), jnp.array([[1, 3], [4, 2]]), jnp.array([True, False]))
+  chex.assert_trees_all_equal(retired, jnp.array([0, 1, 0, 1, 0, 0]))
+  c = fates.to_host(jax.jit(fates.counts)(jnp.array([1, 2, 3, 4, 1, 5]), jnp.array([2, 2, 2, 2, 9, 2]),
+                                          retired, 8, 5))
+  assert c == {"msgs_sent": 8, "msgs_delivered": 4, "msgs_superseded": 1, "msgs_overflow": 1,
+               "msgs_flushed": 2, "msgs_expired": 1, "msgs_in_flight": 1}
 
 
 def _random_records(rng, n=4, d=3, m=5, f=2):
