@@ -91,6 +91,7 @@ class Shapes(NamedTuple):
   test_data: int    # bytes of the test set
   versions: int = 0  # observe.versions: slots holding N x N version vectors (D + 1), 0 when off
   ring_item: int = 4  # bytes per ring payload value (ring_dtype)
+  gathered: int = 0   # copies per node a robust rule reads as a block (F x K, divjax.inbox), 0: none
 
 
 # ------------------------------------------------------------------------------ the formula
@@ -121,7 +122,8 @@ def parts(s: Shapes, state: Optional[dict[str, int]] = None) -> dict[str, int]:
   # routing gathers C columns of N payloads at a time, C as in engine.route
   cols = max(1, min(s.messages, _ROUTE_FLOATS // max(1, n * s.width)))
   out["training"] = 2 * out["params"] + out["optimizer"] + s.batch + s.train_act
-  out["routing"] = s.routes * cols * n * s.width * f4 + out["stored_copies"]
+  # a robust rule reads every copy as one block (F x K per node) instead of routing sums
+  out["routing"] = s.routes * cols * n * s.width * f4 + out["stored_copies"] + n * s.gathered * s.width * f4
   out["tables_work"] = 4 * (tables // 5)
   # the version vectors gathered for every record at a round end (N D M x N), and a copy
   out["versions_work"] = (n * s.depth * (s.messages + s.replies) * n * f4 + 2 * out["versions"]
@@ -164,9 +166,13 @@ def _protocol(cfg: Config) -> dict:
   """What the algorithm puts in the state (divjax.algorithms), without making it: making
   some of them builds N-sized graphs."""
   a, j, f = cfg.algorithm, cfg.recipients, cfg.fragments or 1
-  base = dict(flush=False, frags=1, messages=0, replies=0, store=0, routes=1, edges=0, sync=False)
+  base = dict(flush=False, frags=1, messages=0, replies=0, store=0, routes=1, edges=0, sync=False, gathered=0)
   if a in ("divshare", "swift"):
-    return base | dict(flush=a == "divshare", frags=f, messages=f * j)
+    robust = cfg.aggregation.rule != "mean"
+    k = cfg.aggregation.inbox or 4 * j
+    return base | dict(flush=a == "divshare", frags=f, messages=f * j, gathered=f * k if robust else 0,
+                       routes=0 if robust else 1,
+                       store=f if cfg.aggregation.rule == "centered_clip" else 0)  # its centers
   if a == "adpsgd":
     m = max(1, j // 2)
     return base | dict(messages=m, replies=m, routes=2)
@@ -384,7 +390,7 @@ def shapes(cfg: Config, sim=None) -> Shapes:
       eval_models=evaluated, eval_act=eval_act * min(evaluated, group or evaluated),
       train_data=train_data, test_data=test_data,
       versions=depth + 1 if cfg.observe.versions != "off" and not proto["sync"] else 0,
-      ring_item=np.dtype(jnp.dtype(cfg.ring_dtype)).itemsize)
+      ring_item=np.dtype(jnp.dtype(cfg.ring_dtype)).itemsize, gathered=proto.get("gathered", 0))
 
 
 def _tree_bytes(tree) -> int:

@@ -274,6 +274,7 @@ def batch_size(batch: Optional[int], group: Group, n_points: int) -> int:
 
 ROW_KEYS = ("acc_mean", "acc_min", "loss_mean", "acc_avg_model", "consensus", "msgs_sent",
             "msgs_delivered", "msgs_flushed", "msgs_expired", "staleness_s", "train_loss")
+HONEST_KEYS = ("acc_mean_honest", "acc_min_honest", "acc_avg_model_honest", "acc_mean_byzantine", "msgs_overflow")
 
 
 def row(point: Point, summary: dict, group: int) -> dict:
@@ -284,6 +285,7 @@ def row(point: Point, summary: dict, group: int) -> dict:
            time_to_target_s=summary.get("time_to_target_s"), wall_s=summary.get("wall_s"),
            compile_s=summary.get("compile_s"), batch=summary.get("batch", {}).get("size", 1))
   r.update({f"final_{k}": final.get(k) for k in ROW_KEYS})
+  r.update({f"final_{k}": final[k] for k in HONEST_KEYS if k in final})   # runs with Byzantine nodes
   return r
 
 

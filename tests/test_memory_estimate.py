@@ -77,6 +77,7 @@ def test_a_huge_latency_is_named_through_the_automatic_ring_depth():
     ["algorithm=dpsgd", "topology=complete"], ["algorithm=el"], ["algorithm=fedavg", "server.cohort=3"],
     ["data.partition=kshard", "network.stragglers.fraction=0.5", "network.stragglers.kind=compute",
      "network.stragglers.slowdown=3"],
+    ["aggregation.rule=centered_clip", "byzantine.fraction=0.34"],
 ], ids=lambda o: " ".join(o) or "divshare")
 def test_precheck_predicts_the_built_runs_shapes(overrides):
   """Ring depth (automatic too), fragments, tables, data sizes: what precheck predicts from
@@ -99,6 +100,8 @@ XLA_CASES = {
     "swift depth 3": ["algorithm=swift", "n_nodes=24", "ring_depth=3", "fragments=4"],
     "adpsgd momentum": ["algorithm=adpsgd", "n_nodes=12", "hidden=[96]", "recipients=4", "momentum=0.9"],
     "dpsgd complete": ["algorithm=dpsgd", "n_nodes=16", "hidden=[96]"],
+    "divshare median": ["n_nodes=16", "hidden=[96]", "aggregation.rule=median", "aggregation.inbox=8",
+                        "fragments=4"],
 }
 
 
