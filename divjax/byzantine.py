@@ -56,8 +56,16 @@ def alie_z(n: int, f: int) -> float:
   return statistics.NormalDist().inv_cdf(p)
 
 
-def _noise(key, node, round_, p: int):
-  return jax.random.normal(sampling.node_key(key, node, round_), (p,), jnp.float32)
+def _noise(key, node, round_, shape):
+  """N(0, I) in fragment layout (F, L); the reference reads it through each fragment's coordinates."""
+  return jax.random.normal(sampling.node_key(key, node, round_), shape, jnp.float32)
+
+
+def _flat(layout_values: np.ndarray, coords: list, p: int) -> np.ndarray:
+  out = np.zeros(p, np.float32)
+  for f, c in enumerate(coords):
+    out[c] = layout_values[f, :c.size]
+  return out
 
 
 def with_byzantine(alg: AsyncAlgorithm, byz: np.ndarray, attack: str, scale: Optional[float] = None,
@@ -71,33 +79,40 @@ def with_byzantine(alg: AsyncAlgorithm, byz: np.ndarray, attack: str, scale: Opt
   if attack == "alie" and z is None:
     z = alie_z(byz.size, int(byz.sum()))
 
-  def snapshot(models, key, rounds):
-    h = jnp.asarray(honest)[:, None]
-    mu = jnp.sum(jnp.where(h, models, 0.0), 0) / honest.sum()
-    sigma = jnp.sqrt(jnp.sum(jnp.where(h, (models - mu) ** 2, 0.0), 0) / honest.sum())
-    if attack == "sign_flip":
-      bad = -s * models
-    elif attack == "gaussian":
-      nodes = jnp.arange(models.shape[0])
-      bad = models + s * jax.vmap(_noise, in_axes=(None, 0, 0, None))(key, nodes, rounds, models.shape[1])
-    elif attack == "alie":
-      bad = jnp.broadcast_to(mu - z * sigma, models.shape)
-    else:  # ipm
-      bad = jnp.broadcast_to(-s * mu, models.shape)
-    return jnp.where(jnp.asarray(byz)[:, None], bad, models)
+  inner, inner_ref = alg.snapshot, alg.reference_snapshot   # e.g. compression: applied after the attack
 
-  def reference_snapshot(i, models, key, round_):
-    x = models[i]
-    if not byz[i]:
-      return x
-    good = models[honest].astype(np.float64)
-    mu, sigma = good.mean(0), good.std(0)
+  def snapshot(x, real, key, rounds, ends, state):
+    h = jnp.asarray(honest)[:, None, None]
+    mu = jnp.sum(jnp.where(h, x, 0.0), 0) / honest.sum()
+    sigma = jnp.sqrt(jnp.sum(jnp.where(h, (x - mu) ** 2, 0.0), 0) / honest.sum())
     if attack == "sign_flip":
-      return -np.float32(s) * x
-    if attack == "gaussian":
-      return x + np.float32(s) * np.asarray(_noise(key, i, round_, x.size))
-    if attack == "alie":
-      return (mu - z * sigma).astype(np.float32)
-    return (-s * mu).astype(np.float32)
+      bad = -s * x
+    elif attack == "gaussian":
+      nodes = jnp.arange(x.shape[0])
+      bad = x + s * jax.vmap(_noise, in_axes=(None, 0, 0, None))(key, nodes, rounds, x.shape[1:])
+    elif attack == "alie":
+      bad = jnp.broadcast_to(mu - z * sigma, x.shape)
+    else:  # ipm
+      bad = jnp.broadcast_to(-s * mu, x.shape)
+    sent = jnp.where(jnp.asarray(byz)[:, None, None], jnp.where(real, bad, 0.0), x)
+    return (sent, state) if inner is None else inner(sent, real, key, rounds, ends, state)
+
+  def reference_snapshot(i, models, coords, key, round_, state):
+    x = models[i]
+    if byz[i]:
+      good = models[honest].astype(np.float64)
+      mu, sigma = good.mean(0), good.std(0)
+      if attack == "sign_flip":
+        x = -np.float32(s) * x
+      elif attack == "gaussian":
+        width = max(c.size for c in coords)
+        x = x + np.float32(s) * _flat(np.asarray(_noise(key, i, round_, (len(coords), width))), coords, x.size)
+      elif attack == "alie":
+        x = (mu - z * sigma).astype(np.float32)
+      else:
+        x = (-s * mu).astype(np.float32)
+    if inner_ref is None:
+      return x, state
+    return inner_ref(i, np.concatenate([models[:i], x[None], models[i + 1:]]), coords, key, round_, state)
 
   return alg._replace(snapshot=snapshot, reference_snapshot=reference_snapshot)

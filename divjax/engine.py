@@ -385,7 +385,12 @@ def end_rounds(st: Static, s: State, p: Params, ends) -> State:
                                   lat_us=p.links.latency_us, dt_us=st.dt_us, age_cap=st.age_cap)
   x = x_own if not st.pairwise else fragments_lib.to_layout(params, frags)
   k = s.nodes.rounds % st.depth                                                               # (N,)
-  mixed, alg_state = st.alg.aggregate(x, ring_lib.Inbox(s.ring, copies, ends, k), s.alg)
+  sent, alg_state = x_own, s.alg
+  if st.alg.snapshot is not None:  # what the nodes send instead of their own model (wrappers)
+    real = jnp.arange(st.width)[None, :] < jnp.asarray(st.frags.sizes)[:, None]             # (F, L)
+    sent, alg_state = st.alg.snapshot(x_own, real, sampling.stream(p.key, sampling.STREAM_SNAPSHOT),
+                                      s.nodes.rounds, ends, alg_state)
+  mixed, alg_state = st.alg.aggregate(x, ring_lib.Inbox(s.ring, copies, ends, k), alg_state)
   params = jnp.where(ends[:, None], fragments_lib.from_layout(mixed, frags), params)
   vers = s.versions
   if vers is not None:  # the observer sees exactly the copies just aggregated
@@ -394,10 +399,6 @@ def end_rounds(st: Static, s: State, p: Params, ends) -> State:
   # c. retire slot r % D (its records are all final by now); the snapshot goes into it at the
   # next round end
   old = msgs.fate[nodes, k] if rep is None else jnp.concatenate([msgs.fate[nodes, k], rep.fate[nodes, k]], axis=1)
-  sent = x_own
-  if st.alg.snapshot is not None:  # what the nodes send instead of their own model (wrappers)
-    sent = fragments_lib.to_layout(st.alg.snapshot(
-        s.nodes.params, sampling.stream(p.key, sampling.STREAM_SNAPSHOT), s.nodes.rounds), frags)
   fresh = Fresh(sent.astype(s.ring.dtype), jnp.where(ends, k, -1).astype(jnp.int32))
 
   # d. the new round's messages and their fates

@@ -164,7 +164,9 @@ class _Sim:
     snapshot = node.params.copy()  # post-training, pre-aggregation model
     if self.alg.reference_snapshot is not None:  # what it sends instead (wrappers)
       models = np.stack([nd.params for nd in self.nodes])
-      snapshot = np.asarray(self.alg.reference_snapshot(i, models, self.k_snapshot, node.rounds), np.float32)
+      snapshot, node.alg_state = self.alg.reference_snapshot(i, models, self.coords, self.k_snapshot,
+                                                             node.rounds, node.alg_state)
+      snapshot = np.asarray(snapshot, np.float32)
     if cfg.ring_dtype != "float32":  # payloads travel rounded (config ring_dtype)
       snapshot = np.asarray(jnp.asarray(snapshot).astype(cfg.ring_dtype).astype(jnp.float32))
     vec = None

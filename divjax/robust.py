@@ -25,74 +25,89 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from divjax.algorithms.base import AsyncAlgorithm, uniform_mean
+from divjax.algorithms.base import AsyncAlgorithm, lift, uniform_mean
+
+MEANS = [uniform_mean]   # the rules a robust rule may replace (divjax.compression adds its own)
 
 RULES = ("median", "trimmed_mean", "centered_clip", "self_centered_clip")
 
 
+def _values(x, vals, valid):
+  """The own value and every copy (N, F, K+1, L), and which are there: a copy's NaN
+  coordinates were not sent (sparsified payloads, divjax.compression)."""
+  allv = jnp.concatenate([x[:, :, None], vals], axis=2)
+  ok = jnp.concatenate([jnp.ones(valid.shape[:2] + (1,), bool), valid], axis=2)[..., None] & ~jnp.isnan(allv)
+  return jnp.where(ok, allv, 0.0), ok
+
+
 def _sorted(x, vals, valid):
-  """The m values of each coordinate, sorted, invalid ones last (+inf); and m (N, F)."""
-  allv = jnp.concatenate([x[:, :, None], vals], axis=2)                                       # (N, F, K+1, L)
-  ok = jnp.concatenate([jnp.ones(valid.shape[:2] + (1,), bool), valid], axis=2)
-  return jnp.sort(jnp.where(ok[..., None], allv, jnp.inf), axis=2), jnp.sum(ok, axis=2)
+  """The m values of each coordinate, sorted, missing ones last (+inf); and m (N, F, L)."""
+  allv, ok = _values(x, vals, valid)
+  return jnp.sort(jnp.where(ok, allv, jnp.inf), axis=2), jnp.sum(ok, axis=2)
 
 
 def median(x, vals, valid):
   srt, m = _sorted(x, vals, valid)
-  take = lambda j: jnp.take_along_axis(srt, j[:, :, None, None], axis=2)[:, :, 0]
+  take = lambda j: jnp.take_along_axis(srt, j[:, :, None, :], axis=2)[:, :, 0]
   return (take((m - 1) // 2) + take(m // 2)) / 2
 
 
 def trimmed_mean(x, vals, valid, trim: int):
   srt, m = _sorted(x, vals, valid)
-  b = jnp.minimum(trim, (m - 1) // 2)
-  j = jnp.arange(srt.shape[2])[None, None, :]
-  keep = (j >= b[..., None]) & (j < (m - b)[..., None])
-  return jnp.sum(jnp.where(keep[..., None], srt, 0.0), axis=2) / jnp.sum(keep, axis=2)[..., None]
+  b = jnp.minimum(trim, (m - 1) // 2)                                                        # (N, F, L)
+  j = jnp.arange(srt.shape[2])[None, None, :, None]
+  keep = (j >= b[:, :, None]) & (j < (m - b)[:, :, None])
+  return jnp.sum(jnp.where(keep, srt, 0.0), axis=2) / jnp.sum(keep, axis=2)
 
 
-def _clip(d, tau):
+def _clipped(y, center, ok, tau):
+  """clip(y - center, tau) of every value (N, F, K', L), the norm over a copy's present coordinates."""
+  d = jnp.where(ok, y - center[:, :, None], 0.0)
   norm = jnp.sqrt(jnp.sum(d * d, axis=-1, keepdims=True))
   return d * jnp.minimum(1.0, tau / jnp.maximum(norm, 1e-30))
 
 
 def self_centered_clip(x, vals, valid, tau: float):
-  d = jnp.where(valid[..., None], _clip(vals - x[:, :, None], tau), 0.0)
-  return x + jnp.sum(d, axis=2) / (1.0 + jnp.sum(valid, axis=2))[..., None]
+  allv, ok = _values(x, vals, valid)
+  return x + jnp.sum(_clipped(allv, x, ok, tau), axis=2) / jnp.sum(ok, axis=2)
 
 
 def centered_clip(x, vals, valid, center, tau: float, iters: int):
-  allv = jnp.concatenate([x[:, :, None], vals], axis=2)
-  ok = jnp.concatenate([jnp.ones(valid.shape[:2] + (1,), bool), valid], axis=2)
-  m = jnp.sum(ok, axis=2)[..., None]
+  allv, ok = _values(x, vals, valid)
+  m = jnp.sum(ok, axis=2)
   v = center
   for _ in range(iters):
-    v = v + jnp.sum(jnp.where(ok[..., None], _clip(allv - v[:, :, None], tau), 0.0), axis=2) / m
-  return jnp.where(m > 1, v, x)  # a fragment with no copy keeps the own value
+    v = v + jnp.sum(_clipped(allv, v, ok, tau), axis=2) / m
+  return jnp.where(m > 1, v, x)  # a coordinate with no copy keeps the own value
 
 
-# ---- the same rules, one node, one fragment, numpy: values (m, len), own first
+# ---- the same rules, one node, one fragment, numpy: values (m, len), own first; NaN: not sent
 
 
 def _np_clip(d, tau):
+  d = np.nan_to_num(d, nan=0.0)
   norm = np.sqrt(np.sum(d.astype(np.float64) ** 2))
   return d * min(1.0, tau / max(norm, 1e-30))
 
 
 def reference_rule(rule: str, values: np.ndarray, center, trim: int, tau: float, iters: int) -> np.ndarray:
-  m = values.shape[0]
+  m = np.sum(~np.isnan(values), axis=0)            # values per coordinate
   if rule == "median":
-    return np.median(values, axis=0)
+    return np.nanmedian(values, axis=0)
   if rule == "trimmed_mean":
-    b = min(trim, (m - 1) // 2)
-    return np.sort(values, axis=0)[b:m - b].mean(0)
+    out = np.empty(values.shape[1], np.float32)
+    for j in range(values.shape[1]):
+      col = np.sort(values[~np.isnan(values[:, j]), j])
+      b = min(trim, (col.size - 1) // 2)
+      out[j] = col[b:col.size - b].mean()
+    return out
+  x = values[0]
   if rule == "self_centered_clip":
-    x = values[0]
     return x + sum(_np_clip(y - x, tau) for y in values[1:]) / m
   v = center.astype(np.float64)
   for _ in range(iters):
     v = v + sum(_np_clip(y - v, tau) for y in values) / m
-  return v
+  return np.where(m > 1, v, x)
 
 
 def with_robust_aggregation(alg: AsyncAlgorithm, rule: str, k: int, *, trim: int = 1, tau: float = 1.0,
@@ -101,10 +116,13 @@ def with_robust_aggregation(alg: AsyncAlgorithm, rule: str, k: int, *, trim: int
   copies per fragment."""
   if rule not in RULES:
     raise ValueError(f"aggregation.rule: must be mean or one of {', '.join(RULES)} (got {rule!r})")
-  if alg.aggregate is not uniform_mean or alg.replies is not None:
+  if alg.aggregate not in MEANS or alg.replies is not None:
     raise ValueError(f"aggregation.rule: {rule} replaces a uniform mean over received copies; algorithm "
                      f"{alg.name!r} has its own rule or replies (use divshare, swift)")
   centered = rule == "centered_clip"
+  # state: (the algorithm's, the centers of centered clipping: the last aggregate, or nothing)
+  alg = lift(alg, (lambda x0, dims: x0) if centered else (lambda x0, dims: ()),
+             (lambda x0: x0.astype(np.float32).copy()) if centered else (lambda x0: None))
 
   def aggregate(x, inbox, state):
     vals, valid = inbox.gather(k)
@@ -114,8 +132,8 @@ def with_robust_aggregation(alg: AsyncAlgorithm, rule: str, k: int, *, trim: int
       return trimmed_mean(x, vals, valid, trim), state
     if rule == "self_centered_clip":
       return self_centered_clip(x, vals, valid, tau), state
-    out = centered_clip(x, vals, valid, state, tau, iters)
-    return out, jnp.where(inbox.ends[:, None, None], out, state)   # the next round's center
+    out = centered_clip(x, vals, valid, state[1], tau, iters)
+    return out, (state[0], jnp.where(inbox.ends[:, None, None], out, state[1]))   # the next round's center
 
   def reference_aggregate(i, own, received, state):
     out = own.astype(np.float32).copy()
@@ -125,14 +143,11 @@ def with_robust_aggregation(alg: AsyncAlgorithm, rule: str, k: int, *, trim: int
     for group in by_frag.values():
       coords = group[0].coords
       values = np.stack([own[coords]] + [c.payload for c in group]).astype(np.float32)
-      center = state[coords] if centered else None
+      center = state[1][coords] if centered else None
       out[coords] = reference_rule(rule, values, center, trim, tau, iters)
-    return out.astype(np.float32), (out.copy() if centered else state)
+    return out.astype(np.float32), ((state[0], out.copy()) if centered else state)
 
-  init = (lambda x0, dims: x0) if centered else alg.init
-  reference_init = (lambda x0: x0.astype(np.float32).copy()) if centered else alg.reference_init
-  return alg._replace(aggregate=aggregate, reference_aggregate=reference_aggregate, init=init,
-                      reference_init=reference_init, inbox=k)
+  return alg._replace(aggregate=aggregate, reference_aggregate=reference_aggregate, inbox=k)
 
 
 def with_bounded_inbox(alg: AsyncAlgorithm, k: int) -> AsyncAlgorithm:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from divjax import algorithms, byzantine, configure, inbox, ring, robust, simulate
+from divjax import algorithms, byzantine, fragments, inbox, ring, robust, simulate
 from divjax.config import ConfigError
 from test_engine_vs_reference import CASES, assert_agree, run_both
 
@@ -128,14 +128,21 @@ def test_gather_returns_exactly_the_due_payloads():
 def test_attacks_change_only_byzantine_payloads_and_match_the_reference(attack):
   rng = np.random.default_rng(0)
   models = rng.normal(size=(6, 7)).astype(np.float32)
+  frags = fragments.from_assignment(np.array([0, 1, 1, 0, 1, 1, 0], np.int32), 2)   # sizes 3, 4
+  coords = [np.flatnonzero(frags.frag_of == f) for f in range(2)]
+  real = jnp.asarray(np.arange(frags.width)[None, :] < frags.sizes[:, None])
   byz = np.array([0, 1, 0, 0, 1, 0], bool)
   alg = byzantine.with_byzantine(algorithms.make(tiny_config()), byz, attack)
   key, rounds = jax.random.key(3), jnp.asarray([0, 4, 1, 2, 5, 3], jnp.int32)
-  sent = np.asarray(alg.snapshot(jnp.asarray(models), key, rounds))
+  x = fragments.to_layout(jnp.asarray(models), frags)
+  sent_layout, state = alg.snapshot(x, real, key, rounds, jnp.ones(6, bool), ())
+  sent = np.asarray(fragments.from_layout(sent_layout, frags))
+  assert state == ()
   np.testing.assert_array_equal(sent[~byz], models[~byz])
   assert not np.allclose(sent[byz], models[byz])
   for i in range(6):
-    np.testing.assert_allclose(sent[i], alg.reference_snapshot(i, models, key, int(rounds[i])), rtol=1e-5, atol=1e-5)
+    ref, _ = alg.reference_snapshot(i, models, coords, key, int(rounds[i]), None)
+    np.testing.assert_allclose(sent[i], ref, rtol=1e-5, atol=1e-5)
   honest = models[~byz]
   if attack == "alie":  # mu - z sigma with Baruch et al.'s z for n = 6, f = 2 (s = 2, z = Phi^-1(4/6))
     np.testing.assert_allclose(sent[1], honest.mean(0) - 0.4307273 * honest.std(0), rtol=1e-4, atol=1e-5)

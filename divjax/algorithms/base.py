@@ -96,9 +96,14 @@ class AsyncAlgorithm(NamedTuple):
     replies: None, or how receivers reply (replies need F = 1 and no flush).
     payload_bits: (F,) fragment sizes in floats -> (F,) payload bits of a message.
     snapshot: None (a node sends its post-training model), or what the nodes send instead:
-      (models (N, P), key, rounds (N,)) -> (N, P), from every node's current model at a round
-      end (wrappers: divjax.byzantine); key is the run's STREAM_SNAPSHOT stream.
-    reference_snapshot: the same for node i in numpy: (i, models (N, P), key, round) -> (P,).
+      (x (N, F, L), real (F, L) bool: not padding, key, rounds (N,), ends (N,), state) ->
+      (payload (N, F, L), state), from every node's current model in fragment layout at a round
+      end, before the aggregation; only the rows of nodes that `ends` are sent, and the state
+      may change only there. NaN marks a coordinate not sent (sparsified payloads: receivers
+      count copies per coordinate). key is the run's STREAM_SNAPSHOT stream. Wrappers:
+      divjax.byzantine, divjax.compression.
+    reference_snapshot: the same for node i in numpy: (i, models (N, P), coords (list of each
+      fragment's flat coordinates), key, round, state_i) -> (payload (P,), state_i).
     inbox: None, or K: at most K copies per (receiver, fragment) reach one aggregation; the
       rest end as OVERFLOW (a seeded random choice of which, divjax.inbox). Rules that need every
       copy (divjax.robust) read them with `Inbox.gather(K)`.
@@ -124,6 +129,38 @@ class AsyncAlgorithm(NamedTuple):
       raise ValueError(f"algorithm {self.name}: replies need whole models (fragments = 1) and no flush")
     if self.inbox is not None and self.replies is not None:
       raise ValueError(f"algorithm {self.name}: a bounded inbox needs an algorithm without replies")
+
+
+def lift(alg: AsyncAlgorithm, init: Callable, reference_init: Callable) -> AsyncAlgorithm:
+  """`alg` with state (its own, a wrapper's): every function that reads the state reads the
+  first part, and the second, from init(x0, dims) / reference_init(x0), passes through
+  unchanged. A wrapper that keeps state lifts the algorithm, then replaces what it changes."""
+  agg, ref_agg, ref_msg, snap, ref_snap = (alg.aggregate, alg.reference_aggregate, alg.reference_message,
+                                           alg.snapshot, alg.reference_snapshot)
+
+  def aggregate(x, inbox, state):
+    x, inner = agg(x, inbox, state[0])
+    return x, (inner, state[1])
+
+  def reference_aggregate(i, own, received, state):
+    own, inner = ref_agg(i, own, received, state[0])
+    return own, (inner, state[1])
+
+  def snapshot(x, real, key, rounds, ends, state):
+    sent, inner = snap(x, real, key, rounds, ends, state[0])
+    return sent, (inner, state[1])
+
+  def reference_snapshot(i, models, coords, key, round_, state):
+    sent, inner = ref_snap(i, models, coords, key, round_, state[0])
+    return sent, (inner, state[1])
+
+  return alg._replace(
+      init=lambda x0, dims: (alg.init(x0, dims), init(x0, dims)),
+      reference_init=lambda x0: (alg.reference_init(x0), reference_init(x0)),
+      aggregate=aggregate, reference_aggregate=reference_aggregate,
+      reference_message=lambda state: ref_msg(state[0]),
+      snapshot=None if snap is None else snapshot,
+      reference_snapshot=None if ref_snap is None else reference_snapshot)
 
 
 class SyncProtocol(NamedTuple):
