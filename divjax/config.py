@@ -169,6 +169,19 @@ class ByzantineConfig(_Strict):
   z: Optional[float] = Field(None, gt=0.0)
 
 
+class CompressionConfig(_Strict):
+  """Compressed messages (divjax.compression), over algorithms that average copies uniformly
+  (divshare, swift, adpsgd). kind: none; top_k (per fragment, the `fraction` of coordinates
+  that changed most since last sent); random_k (a random `fraction` of them); qsgd (every
+  coordinate rounded to `levels` levels of the fragment's norm). error_feedback: top_k's
+  change accumulates over unsent coordinates (else: this round's change only); qsgd's
+  rounding error is carried to the next round. Message sizes shrink accordingly."""
+  kind: Literal["none", "top_k", "random_k", "qsgd"] = "none"
+  fraction: float = Field(0.01, gt=0.0, le=1.0)
+  levels: int = Field(16, ge=1)
+  error_feedback: bool = True
+
+
 class AggregationConfig(_Strict):
   """How receivers combine copies (divjax.robust). rule "mean" is the algorithm's own rule;
   the robust rules replace a uniform mean, per coordinate, over the own model and every copy:
@@ -246,6 +259,7 @@ class Config(_Strict):
   eval: EvalConfig = EvalConfig()
   byzantine: ByzantineConfig = ByzantineConfig()
   aggregation: AggregationConfig = AggregationConfig()
+  compression: CompressionConfig = CompressionConfig()
 
   @property
   def data_seed(self) -> int:

@@ -78,16 +78,17 @@ def resolve(cfg: Config) -> Config:
 
 
 def _check_wrappers(cfg: Config) -> None:
-  """The byzantine and aggregation sections wrap an asynchronous algorithm (divjax.byzantine,
-  divjax.robust); a robust rule replaces a uniform mean over received copies."""
+  """The byzantine, aggregation and compression sections wrap an asynchronous algorithm
+  (divjax.byzantine, divjax.robust, divjax.compression); a robust rule and compression replace
+  a uniform mean over received copies."""
   default = Config()
-  for key in ("byzantine", "aggregation"):
+  for key in ("byzantine", "aggregation", "compression"):
     section = getattr(cfg, key)
     if algorithms.PROPERTIES[cfg.algorithm].synchronous and section != getattr(default, key):
       changed = [k for k in type(section).model_fields if getattr(section, k) != getattr(getattr(default, key), k)]
       raise ConfigError(f"{key}.{changed[0]}: wraps the asynchronous engine's messages; algorithm "
                         f"{cfg.algorithm!r} is synchronous: leave the {key} section out")
-  if cfg.aggregation != default.aggregation:
+  if cfg.aggregation != default.aggregation or cfg.compression.kind != "none":
     try:
       algorithms.make(cfg).check()
     except ValueError as e:

@@ -172,7 +172,8 @@ def _protocol(cfg: Config) -> dict:
     k = cfg.aggregation.inbox or 4 * j
     return base | dict(flush=a == "divshare", frags=f, messages=f * j, gathered=f * k if robust else 0,
                        routes=0 if robust else 1,
-                       store=f if cfg.aggregation.rule == "centered_clip" else 0)  # its centers
+                       # centered clipping's centers, compression's last-sent values or errors
+                       store=f * ((cfg.aggregation.rule == "centered_clip") + (cfg.compression.kind != "none")))
   if a == "adpsgd":
     m = max(1, j // 2)
     return base | dict(messages=m, replies=m, routes=2)

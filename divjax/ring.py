@@ -28,7 +28,7 @@ def columns_per_step(m: int, n: int, width: int) -> int:
   return int(max(1, min(m, ROUTE_FLOATS // max(1, n * width))))
 
 
-def route(ring, due, src, slot, dst, frag, weight=None):
+def route(ring, due, src, slot, dst, frag, weight=None, per_coordinate: bool = False):
   """Sums due payloads ring[slot, src, frag] into receivers dst: gather + segment_sum.
 
   The records are (N, D, M) arrays. They are routed one table slot at a time, split further
@@ -37,9 +37,12 @@ def route(ring, due, src, slot, dst, frag, weight=None):
 
   Args:
     weight: optional (N, D, M) float32 weight of each copy (default 1).
+    per_coordinate: payloads may hold only some coordinates (NaN elsewhere: sparsified,
+      divjax.compression); counts are then per coordinate.
 
   Returns:
-    sums (N, F, L) and counts (N, F) (summed weights) of the payloads due now.
+    sums (N, F, L) and counts (N, F), or (N, F, L) per coordinate (summed weights), of the
+    payloads due now.
   """
   d, n, f, width = ring.shape
   m = due.shape[2]
@@ -59,9 +62,13 @@ def route(ring, due, src, slot, dst, frag, weight=None):
     else:
       c = jnp.where(due_c, w_c, 0.0)
       payload = c[..., None] * got
+    if per_coordinate:  # a copy counts where it holds a value
+      here = ~jnp.isnan(got)
+      payload = jnp.where(here, payload, 0.0)
+      c = jnp.where(here, c[..., None], 0.0)                                               # (C, N, L)
     seg = (dst_c * f + frag_c).reshape(-1)
     s = acc[0] + jax.ops.segment_sum(payload.reshape(-1, width), seg, num_segments=n * f)
-    c = acc[1] + jax.ops.segment_sum(c.reshape(-1), seg, num_segments=n * f)
+    c = acc[1] + jax.ops.segment_sum(c.reshape((-1,) + c.shape[2:]), seg, num_segments=n * f)
     return s, c
 
   def body(acc, col):
@@ -70,11 +77,12 @@ def route(ring, due, src, slot, dst, frag, weight=None):
                        lambda a: a, acc)
     return acc, None
 
-  acc0 = (jnp.zeros((n * f, width), jnp.float32), jnp.zeros((n * f,), jnp.float32))
+  acc0 = (jnp.zeros((n * f, width), jnp.float32),
+          jnp.zeros((n * f, width) if per_coordinate else (n * f,), jnp.float32))
   xs = (cols(slot), cols(src), cols(dst), cols(frag), cols(due),
         None if weight is None else cols(weight))
   (sums, counts), _ = jax.lax.scan(body, acc0, xs)
-  return sums.reshape(n, f, width), counts.reshape(n, f)
+  return sums.reshape(n, f, width), counts.reshape((n, f) + counts.shape[1:])
 
 
 class Copies(NamedTuple):
@@ -103,10 +111,10 @@ class Inbox(NamedTuple):
     """Every due copy: values (N, F, K, L) float32 and valid (N, F, K) (divjax.inbox)."""
     return inbox_lib.gather(self.ring, self.copies, k)
 
-  def sum(self, weight: Optional[callable] = None):
+  def sum(self, weight: Optional[callable] = None, per_coordinate: bool = False):
     sums = counts = None
     for c in self.copies:
       s, k = route(self.ring, c.due, c.src, c.slot, c.dst, c.frag,
-                   None if weight is None else weight(c))
+                   None if weight is None else weight(c), per_coordinate)
       sums, counts = (s, k) if sums is None else (sums + s, counts + k)
     return sums, counts

@@ -35,12 +35,17 @@ DEFAULT_FRAGMENTS = {a: p.default_fragments for a, p in PROPERTIES.items() if p.
 
 
 def make(cfg):
-  """The algorithm of a config, with the wrappers its sections ask for (byzantine, aggregation)."""
+  """The algorithm of a config, with the wrappers its sections ask for, innermost first:
+  compression, aggregation (robust rules, bounded inbox), byzantine (attacks, which the
+  attackers' compression then compresses)."""
   alg = REGISTRY[cfg.algorithm](cfg)
   if PROPERTIES[cfg.algorithm].synchronous:
     return alg
-  from divjax import byzantine, robust  # noqa: PLC0415  (they import algorithms.base)
-  agg = cfg.aggregation
+  from divjax import byzantine, compression, robust  # noqa: PLC0415  (they import algorithms.base)
+  comp, agg = cfg.compression, cfg.aggregation
+  if comp.kind != "none":
+    alg = compression.with_compression(alg, comp.kind, fraction=comp.fraction, levels=comp.levels,
+                                       error_feedback=comp.error_feedback)
   if agg.rule != "mean":
     alg = robust.with_robust_aggregation(alg, agg.rule, inbox_size(cfg), trim=agg.trim, tau=agg.clip_tau,
                                          iters=agg.clip_iters)
