@@ -151,6 +151,7 @@ class Engine(NamedTuple):
   depth: int
   round_ticks: np.ndarray                       # (N,) ticks per round
   ring_bytes: int = 0                           # size of the delay ring
+  message_bits: float = 0.0                     # mean bits of a message (payload + header) over fragments
 
 
 # Config keys read only through Params (traced) or by the driver: two configs that differ in
@@ -491,7 +492,8 @@ def make(cfg: Config, task, alg: AsyncAlgorithm, *, communicate: bool = True) ->
       init=lambda run_key: init_state(st, sgd, task.initial_models(run_key, st.n, cfg.init.spread)),
       advance=functools.partial(advance, st, sgd, communicate), params=params, counts=device_counts,
       node_axes=node_axes, static=static, frags=frags, net=net, depth=d,
-      round_ticks=(cfg.local_steps * net.period).astype(np.int64), ring_bytes=(d + 1) * st.n * st.f * st.width * st.ring_dtype.itemsize)
+      round_ticks=(cfg.local_steps * net.period).astype(np.int64), ring_bytes=(d + 1) * st.n * st.f * st.width * st.ring_dtype.itemsize,
+      message_bits=float(np.mean(alg.payload_bits(frags.sizes) + cfg.network.header_bits)))
 
 
 def node_axes(state: State):

@@ -296,6 +296,9 @@ def run_summary(sim: Simulation, records: list[dict], status: str, divergence: O
       "n_params": sim.task.n_params,
       "ring_depth": sim.engine.depth,
       "ring_bytes": sim.engine.ring_bytes,
+      # every fragment is sent equally often by the registered algorithms: bits = messages x mean size
+      "message_bits": sim.engine.message_bits,
+      "bits_sent": sim.engine.message_bits * records[-1]["msgs_sent"] if records else None,
       "memory": memory_info,
       "wall_s": wall_s,
       "compile_s": compile_s,

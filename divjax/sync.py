@@ -208,4 +208,4 @@ def make(cfg: Config, task, protocol: SyncProtocol) -> engine_lib.Engine:
 
   return engine_lib.Engine(init=init, advance=advance, params=params, counts=message_counts,
                            node_axes=node_axes, static=static, frags=None, net=net, depth=0,
-                           round_ticks=(h * net.period).astype(np.int64))
+                           round_ticks=(h * net.period).astype(np.int64), message_bits=float(bits[0]))
