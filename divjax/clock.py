@@ -17,9 +17,10 @@ def steps_now(t, period):
   return (t + 1) % period == 0
 
 
-def round_ends(t, period, steps, h: int):
-  """(N,) bool: the nodes that end a round in tick t, after its local steps (steps counted)."""
-  return steps_now(t, period) & (steps % h == 0)
+def round_ends(t, period, h: int):
+  """(N,) bool: the nodes whose round slot ends in tick t: their H-th step slot of the round
+  (a node offline in that round (divjax.churn) took no steps, but its slot ends all the same)."""
+  return steps_now(t, period) & (((t + 1) // period) % h == 0)
 
 
 def consume_tick(t, arrival_us, round_ticks_dst, dt_us: int):

@@ -169,6 +169,26 @@ class ByzantineConfig(_Strict):
   z: Optional[float] = Field(None, gt=0.0)
 
 
+class ChurnConfig(_Strict):
+  """Nodes going offline and coming back (divjax.churn), for asynchronous algorithms without
+  replies: an exponential on/off process per node (mean_online_s and mean_offline_s, both),
+  or `trace`, a CSV file of offline intervals `node,start_s,end_s`. A node is offline in a
+  round if it is offline when the round starts; it then neither trains, sends nor receives,
+  and messages to it or not uploaded when it leaves end as `lost`."""
+  mean_online_s: Optional[float] = Field(None, gt=0.0)
+  mean_offline_s: Optional[float] = Field(None, gt=0.0)
+  trace: Optional[str] = None
+
+  @model_validator(mode="after")
+  def _one_schedule(self) -> "ChurnConfig":
+    if (self.mean_online_s is None) != (self.mean_offline_s is None):
+      missing = "mean_offline_s" if self.mean_offline_s is None else "mean_online_s"
+      raise ValueError(f"{missing}: the exponential schedule needs both mean_online_s and mean_offline_s")
+    if self.trace is not None and self.mean_online_s is not None:
+      raise ValueError("trace: give either a trace or mean_online_s/mean_offline_s, not both")
+    return self
+
+
 class CompressionConfig(_Strict):
   """Compressed messages (divjax.compression), over algorithms that average copies uniformly
   (divshare, swift, adpsgd). kind: none; top_k (per fragment, the `fraction` of coordinates
@@ -260,6 +280,7 @@ class Config(_Strict):
   byzantine: ByzantineConfig = ByzantineConfig()
   aggregation: AggregationConfig = AggregationConfig()
   compression: CompressionConfig = CompressionConfig()
+  churn: ChurnConfig = ChurnConfig()
 
   @property
   def data_seed(self) -> int:

@@ -82,12 +82,19 @@ def _check_wrappers(cfg: Config) -> None:
   (divjax.byzantine, divjax.robust, divjax.compression); a robust rule and compression replace
   a uniform mean over received copies."""
   default = Config()
-  for key in ("byzantine", "aggregation", "compression"):
+  for key in ("byzantine", "aggregation", "compression", "churn"):
     section = getattr(cfg, key)
     if algorithms.PROPERTIES[cfg.algorithm].synchronous and section != getattr(default, key):
       changed = [k for k in type(section).model_fields if getattr(section, k) != getattr(getattr(default, key), k)]
       raise ConfigError(f"{key}.{changed[0]}: wraps the asynchronous engine's messages; algorithm "
                         f"{cfg.algorithm!r} is synchronous: leave the {key} section out")
+  if cfg.churn != default.churn and not algorithms.PROPERTIES[cfg.algorithm].synchronous:
+    if algorithms.make(cfg).replies is not None:
+      raise ConfigError(f"churn: not yet for algorithms with replies ({cfg.algorithm!r}); use divshare, swift, "
+                        f"sgp, swift_original or divshare_age")
+    if cfg.churn.trace is not None:
+      from divjax import churn  # noqa: PLC0415
+      churn.read_trace(cfg.churn.trace, cfg.n_nodes)   # bad rows are refused here, naming churn.trace
   if cfg.aggregation != default.aggregation or cfg.compression.kind != "none":
     try:
       algorithms.make(cfg).check()

@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from divjax import clock, fates, queue, replies as replies_lib, ring as ring_lib
+from divjax import churn, clock, fates, queue, replies as replies_lib, ring as ring_lib
 from divjax import fragments as fragments_lib
 from divjax import inbox as inbox_lib
 from divjax import network as network_lib
@@ -137,6 +137,7 @@ class Params(NamedTuple):
   data: Any                 # the task's TrainData
   frag_layout: jax.Array    # (F, L) int32, the fragment partition (`data.seed`): coordinates of each
   frag_position: jax.Array  # (P,) int32, fragment row; and each coordinate's place in the layout
+  availability: Optional[churn.Availability] = None   # churn's schedule; None: always online
 
 
 class Engine(NamedTuple):
@@ -185,7 +186,9 @@ def make_params(cfg: Config, data, bits: np.ndarray, net: network_lib.Network,
   return Params(key=jax.random.key(cfg.seed), lr=jnp.float32(cfg.lr), momentum=jnp.float32(cfg.momentum),
                 links=network_lib.links(net, bits), data=data,
                 frag_layout=jnp.zeros((0, 0), jnp.int32) if no_frags else jnp.asarray(frags.layout),
-                frag_position=jnp.zeros((0,), jnp.int32) if no_frags else jnp.asarray(frags.position))
+                frag_position=jnp.zeros((0,), jnp.int32) if no_frags else jnp.asarray(frags.position),
+                availability=None if no_frags else churn.make(cfg, cfg.local_steps * net.period, net.dt_us,
+                                                              cfg.n_ticks))
 
 
 def check_static(engine_static: str, cfg: Config, depth: int) -> None:
@@ -294,9 +297,10 @@ def init_state(st: Static, sgd: nodes_lib.LocalSGD, x) -> State:
       fresh=Fresh(jnp.zeros((n, st.f, st.width), st.ring_dtype), jnp.full((n,), -1, jnp.int32)))
 
 
-def send(st: Static, s: State, p: Params, ends, busy, k):
-  """The new round's messages of the nodes that `ends`, their upload completions and fates
-  (into table slot k), superseding older copies; returns (messages, queue backlogs)."""
+def send(st: Static, s: State, p: Params, ends, acting, busy, k):
+  """The new round's messages of the nodes that `ends` a round and are online (`acting`), their
+  upload completions and fates (into table slot k; an offline node's slot gets no message),
+  superseding older copies; returns (messages, queue backlogs)."""
   t, n, f, lk, msgs = s.tick, st.n, st.f, p.links, s.msgs
   nodes = jnp.arange(n, dtype=jnp.int32)
   dst, frag = jax.vmap(st.alg.plan, in_axes=(None, 0, 0))(
@@ -306,12 +310,19 @@ def send(st: Static, s: State, p: Params, ends, busy, k):
   completions = queue.enqueue(busy, service, st.alg.queue.flush)  # exact, however far behind
   completion = tb.narrow(completions)                               # saturating: exact below the horizon
   arrival = completion + (lk.latency_us[nodes][:, None] + lk.latency_us[dst]) // 2
+  leave_us = receiver_online = None
+  av = p.availability
+  if av is not None:  # churn: when the sender leaves, whether the receiver is there
+    gone = jnp.minimum(churn.next_offline(av, nodes, s.nodes.rounds) - s.nodes.rounds - 1, st.depth + 2)
+    leave_us = gone * round_ticks * st.dt_us
+    receiver_online = lambda u: churn.online_in(av, dst, u // round_ticks[dst])
   fate, ftick = fates.at_send(t, completion, arrival, round_ticks, round_ticks[dst], st.depth,
-                              st.dt_us, st.alg.queue.flush)
+                              st.dt_us, st.alg.queue.flush, leave_us, receiver_online)
+  fate = jnp.where(acting[:, None], fate, fates.NONE)   # an offline node sends nothing
   fate_table = msgs.fate
   if not st.reply:  # a newer copy consumed by the same aggregation replaces the older one
     other_slot = jnp.arange(st.depth)[None, :] != k[:, None]                                  # (N, D)
-    pending = (msgs.fate == fates.DELIVERED) & (msgs.tick > t) & other_slot[..., None] & ends[:, None, None]
+    pending = (msgs.fate == fates.DELIVERED) & (msgs.tick > t) & other_slot[..., None] & acting[:, None, None]
     replaced = fates.supersede(msgs.dst * f + msgs.frag, msgs.tick, pending,
                                dst * f + frag, ftick, fate == fates.DELIVERED)
     fate_table = jnp.where(replaced, fates.SUPERSEDED, fate_table)
@@ -322,8 +333,10 @@ def send(st: Static, s: State, p: Params, ends, busy, k):
   msgs = Messages(dst=write(msgs.dst, dst), frag=write(msgs.frag, frag), fate=write(fate_table, fate),
                   tick=write(msgs.tick, ftick), done=write(msgs.done, completion),
                   slot_tick=msgs.slot_tick.at[nodes, k].set(jnp.where(ends, t, msgs.slot_tick[nodes, k])))
-  backlog = (tb.where(ends, jax.tree.map(lambda x: x[:, -1], completions), busy) if not st.alg.queue.flush
+  backlog = (tb.where(acting, jax.tree.map(lambda x: x[:, -1], completions), busy) if not st.alg.queue.flush
              else tb.wide(jnp.zeros((n,), jnp.int32)))
+  if leave_us is not None:  # a node that leaves now drops its queue
+    backlog = tb.where(ends & (leave_us == 0), tb.wide(jnp.zeros((n,), jnp.int32)), backlog)
   return msgs, backlog
 
 
@@ -363,8 +376,10 @@ def due_copies(st: Static, s: State, p: Params, busy):
 
 
 def end_rounds(st: Static, s: State, p: Params, ends) -> State:
-  """The round-end tick of a block: replies, aggregation, snapshots, new messages."""
+  """The round-end tick of a block: replies, aggregation, snapshots, new messages. Nodes that
+  `ends` a round slot offline (divjax.churn) only retire their oldest table slot."""
   t, nodes = s.tick, jnp.arange(st.n)
+  acting = ends if p.availability is None else ends & churn.online_in(p.availability, nodes, s.nodes.rounds)
   # The last round end's snapshots go into the ring first, before anything reads it: written
   # after the reads (at their own round end), the in-place update made XLA copy the whole
   # ring twice per round end (the reads sit in loops and conditionals), most of the round
@@ -390,25 +405,25 @@ def end_rounds(st: Static, s: State, p: Params, ends) -> State:
   if st.alg.snapshot is not None:  # what the nodes send instead of their own model (wrappers)
     real = jnp.arange(st.width)[None, :] < jnp.asarray(st.frags.sizes)[:, None]             # (F, L)
     sent, alg_state = st.alg.snapshot(x_own, real, sampling.stream(p.key, sampling.STREAM_SNAPSHOT),
-                                      s.nodes.rounds, ends, alg_state)
-  mixed, alg_state = st.alg.aggregate(x, ring_lib.Inbox(s.ring, copies, ends, k), alg_state)
-  params = jnp.where(ends[:, None], fragments_lib.from_layout(mixed, frags), params)
+                                      s.nodes.rounds, acting, alg_state)
+  mixed, alg_state = st.alg.aggregate(x, ring_lib.Inbox(s.ring, copies, acting, k), alg_state)
+  params = jnp.where(acting[:, None], fragments_lib.from_layout(mixed, frags), params)
   vers = s.versions
   if vers is not None:  # the observer sees exactly the copies just aggregated
-    vers = versions_lib.round_end(vers, ends, s.nodes.rounds, k, copies, relay=st.versions == "relay")
+    vers = versions_lib.round_end(vers, acting, s.nodes.rounds, k, copies, relay=st.versions == "relay")
 
   # c. retire slot r % D (its records are all final by now); the snapshot goes into it at the
   # next round end
   old = msgs.fate[nodes, k] if rep is None else jnp.concatenate([msgs.fate[nodes, k], rep.fate[nodes, k]], axis=1)
-  fresh = Fresh(sent.astype(s.ring.dtype), jnp.where(ends, k, -1).astype(jnp.int32))
+  fresh = Fresh(sent.astype(s.ring.dtype), jnp.where(acting, k, -1).astype(jnp.int32))
 
   # d. the new round's messages and their fates
-  new_msgs, backlog = send(st, s._replace(msgs=msgs), p, ends, busy, k)
+  new_msgs, backlog = send(st, s._replace(msgs=msgs), p, ends, acting, busy, k)
   if rep is not None:  # a new round's pings have no replies yet
     rep = rep._replace(fate=rep.fate.at[nodes, k].set(jnp.where(ends[:, None], 0, rep.fate[nodes, k])))
   c = s.counters
   counters = Counters(retired=fates.retire(c.retired, old, ends),
-                      sent=c.sent + made + st.m * jnp.sum(ends, dtype=jnp.int32),
+                      sent=c.sent + made + st.m * jnp.sum(acting, dtype=jnp.int32),
                       age_sum=c.age_sum + sum(jnp.sum(jnp.where(u.due, u.age, 0)) for u in used).astype(jnp.float32),
                       age_count=c.age_count + sum(jnp.sum(u.due, dtype=jnp.int32) for u in used))
   return s._replace(nodes=s.nodes._replace(params=params, rounds=s.nodes.rounds + ends),
@@ -420,6 +435,8 @@ def local_tick(st: Static, sgd: nodes_lib.LocalSGD, s: State, p: Params):
   """The local steps of one tick (events 1 of the module docstring)."""
   t = s.tick
   active = clock.steps_now(t, p.links.period)
+  if p.availability is not None:  # an offline node does not train
+    active = active & churn.online_in(p.availability, jnp.arange(st.n), s.nodes.rounds)
   x, opt_state, steps, losses = sgd.step(s.nodes.params, s.nodes.opt_state, s.nodes.steps,
                                         p.data, p.key, p.lr, p.momentum, active)
   s = s._replace(nodes=s.nodes._replace(params=x, opt_state=opt_state, steps=steps), tick=t + 1)
@@ -433,7 +450,7 @@ def round_end(st: Static, s: State, p: Params) -> State:
   (t+1) % H == 0 (every R_i is a multiple of H), so this runs after every H-th tick,
   masked by which nodes actually end a round: no per-tick branch."""
   t = s.tick - 1
-  ends = clock.round_ends(t, p.links.period, s.nodes.steps, st.h)
+  ends = clock.round_ends(t, p.links.period, st.h)
   return end_rounds(st, s._replace(tick=t), p, ends)._replace(tick=t + 1)
 
 

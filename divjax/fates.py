@@ -10,7 +10,9 @@ completion (queue.enqueue) and its link latency:
              aggregation at the same receiver (counted as delivered, payload unused),
   overflow   if the algorithm's inbox holds K copies per fragment and more are due at one
              aggregation (divjax.inbox; decided at that round end; counted as delivered,
-             payload unused).
+             payload unused),
+  lost       with churn (divjax.churn): not uploaded when its sender went offline, or arriving
+             while its receiver is offline.
 Every record ends as exactly one of these (or is still in flight), so the counts add up.
 """
 
@@ -22,16 +24,19 @@ import numpy as np
 
 from divjax import clock
 
-NONE, DELIVERED, SUPERSEDED, FLUSHED, EXPIRED, OVERFLOW = 0, 1, 2, 3, 4, 5
-FATES = ("none", "delivered", "superseded", "flushed", "expired", "overflow")
+NONE, DELIVERED, SUPERSEDED, FLUSHED, EXPIRED, OVERFLOW, LOST = 0, 1, 2, 3, 4, 5, 6
+FATES = ("none", "delivered", "superseded", "flushed", "expired", "overflow", "lost")
 
 
-def at_send(t, completion, arrival, round_ticks, round_ticks_dst, depth: int, dt_us: int, flush: bool):
+def at_send(t, completion, arrival, round_ticks, round_ticks_dst, depth: int, dt_us: int, flush: bool,
+            leave_us=None, receiver_online=None):
   """Fates and fate ticks (N, M) of the messages sent at the end of tick t.
 
   Args:
     completion, arrival: (N, M) us after the end of tick t (saturating int32).
     round_ticks: (N,) the senders' round lengths; round_ticks_dst: (N, M) the receivers'.
+    leave_us: churn only: (N,) when each sender goes offline, us after the end of tick t.
+    receiver_online: churn only: u (N, M) -> whether the receiver is online in tick u.
   """
   round_us = round_ticks * dt_us
   expire = t + depth * round_ticks                                                         # (N,)
@@ -39,9 +44,20 @@ def at_send(t, completion, arrival, round_ticks, round_ticks_dst, depth: int, dt
   arrival = jnp.minimum(arrival, (depth * round_us + dt_us)[:, None])
   consume = clock.consume_tick(t, arrival, round_ticks_dst, dt_us)
   flushed = (completion > round_us[:, None]) if flush else jnp.zeros_like(completion, bool)
-  expired = ~flushed & (consume > expire[:, None])
-  fate = jnp.where(flushed, FLUSHED, jnp.where(expired, EXPIRED, DELIVERED))
-  tick = jnp.where(flushed, (t + round_ticks)[:, None], jnp.where(expired, expire[:, None], consume))
+  lost = jnp.zeros_like(flushed)
+  lost_tick = consume
+  if leave_us is not None:
+    # not uploaded when the sender leaves; a flush at that same instant comes first
+    left = (completion > leave_us[:, None]) & ((leave_us < round_us)[:, None] if flush else True)
+    arrive = t + -(-arrival // dt_us)                                      # the tick it arrives in
+    # it reaches an offline receiver before its payload expires
+    absent = ~flushed & ~left & ~receiver_online(arrive) & (arrive <= expire[:, None])
+    flushed, lost = flushed & ~left, left | absent
+    lost_tick = jnp.where(left, t + leave_us[:, None] // dt_us, arrive)
+  expired = ~flushed & ~lost & (consume > expire[:, None])
+  fate = jnp.where(flushed, FLUSHED, jnp.where(lost, LOST, jnp.where(expired, EXPIRED, DELIVERED)))
+  tick = jnp.where(flushed, (t + round_ticks)[:, None],
+                   jnp.where(lost, lost_tick, jnp.where(expired, expire[:, None], consume)))
   return fate, tick
 
 
@@ -94,12 +110,13 @@ def counts(fate, tick, retired, sent, now) -> dict:
       "msgs_overflow": by[OVERFLOW],
       "msgs_flushed": by[FLUSHED],
       "msgs_expired": by[EXPIRED],
+      "msgs_lost": by[LOST],
       "msgs_in_flight": jnp.sum((fate != NONE) & ~happened, dtype=jnp.int32),
   }
 
 
 COUNT_KEYS = ("msgs_sent", "msgs_delivered", "msgs_superseded", "msgs_overflow", "msgs_flushed",
-              "msgs_expired", "msgs_in_flight")
+              "msgs_expired", "msgs_lost", "msgs_in_flight")
 
 
 def to_host(counts: dict) -> dict:

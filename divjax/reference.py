@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from divjax import churn
 from divjax import fragments as fragments_lib
 from divjax import inbox as inbox_lib
 from divjax import network as network_lib
@@ -63,7 +64,8 @@ class Node:
   params: np.ndarray
   momentum: np.ndarray
   alg_state: object = None            # the algorithm's own state (reference_init)
-  steps: int = 0
+  steps: int = 0                      # local steps taken
+  slots: int = 0                      # step slots passed (steps + those spent offline, divjax.churn)
   rounds: int = 0
   busy_until: int = 0                 # the upload link is busy until then
   queue: list = field(default_factory=list)      # messages not fully uploaded, FIFO
@@ -107,7 +109,9 @@ class _Sim:
                                                                 cfg.batch_size))
     self.plan_fn = jax.jit(lambda i, r: alg.plan(k_plan, i, r))
     self.x_train, self.y_train = np.asarray(task.x_train), np.asarray(task.y_train)
-    self.counts = dict(sent=0, delivered=0, superseded=0, overflow=0, flushed=0, expired=0)
+    self.counts = dict(sent=0, delivered=0, superseded=0, overflow=0, flushed=0, expired=0, lost=0)
+    self.round_ticks = cfg.local_steps * net.period
+    self.avail = churn.Reference(cfg, self.round_ticks, net.dt_us, cfg.n_ticks)
     self.age_sum, self.age_count = 0, 0
     self.events, self.seq = [], itertools.count()
     for i in range(cfg.n_nodes):
@@ -119,7 +123,7 @@ class _Sim:
     # of simultaneous replies in a queue (the engine sorts the same way).
     heapq.heappush(self.events, (time, kind, key, next(self.seq), data))
 
-  def step_time(self, i, k):  # the k-th step (1-based) of node i completes then
+  def step_time(self, i, k):  # the k-th step slot (1-based) of node i ends then
     return k * int(self.net.period[i]) * self.dt
 
   def service(self, s, d, f):
@@ -147,15 +151,22 @@ class _Sim:
   def on_step(self, now, i):
     """One local SGD step; after the H-th, the round ends (aggregate, then send)."""
     node, cfg = self.nodes[i], self.cfg
-    idx = np.asarray(self.batch_fn(i, node.steps))
-    g = np.asarray(self.grad_fn(node.params, self.x_train[idx], self.y_train[idx]))
-    node.momentum = g + cfg.momentum * node.momentum if cfg.momentum > 0 else g
-    node.params = (node.params - np.float32(cfg.lr) * node.momentum).astype(np.float32)
-    node.steps += 1
-    self.push(self.step_time(i, node.steps + 1), Event.STEP, i)
-    if node.steps % self.h == 0 and self.alg.reference_snapshot is not None:
+    online = self.avail.online(i, node.rounds)
+    if online:  # an offline node does not train (divjax.churn)
+      idx = np.asarray(self.batch_fn(i, node.steps))
+      g = np.asarray(self.grad_fn(node.params, self.x_train[idx], self.y_train[idx]))
+      node.momentum = g + cfg.momentum * node.momentum if cfg.momentum > 0 else g
+      node.params = (node.params - np.float32(cfg.lr) * node.momentum).astype(np.float32)
+      node.steps += 1
+    node.slots += 1
+    self.push(self.step_time(i, node.slots + 1), Event.STEP, i)
+    if node.slots % self.h != 0:
+      return
+    if not online:  # the slot of an offline round ends: only its oldest messages expire
+      self.push(now, Event.SEND, (i, None, None))
+    elif self.alg.reference_snapshot is not None:
       self.push(now, Event.SNAPSHOT, i, key=(i,))  # once every node's steps of this instant are done
-    elif node.steps % self.h == 0:
+    else:
       self.on_snapshot(now, i)
 
   def on_snapshot(self, now, i):
@@ -190,6 +201,11 @@ class _Sim:
     if msg.status != "transit":  # expired on the way
       return
     rcv = self.nodes[msg.dst]
+    arrive_tick = -(-now // self.dt) - 1
+    if not self.avail.online(msg.dst, arrive_tick // int(self.round_ticks[msg.dst])):
+      msg.status = "lost"     # its receiver is offline
+      self.counts["lost"] += 1
+      return
     if msg.reply and self.pairwise:  # completes an exchange at the pinger's next round end
       msg.status = "buffered"
       rcv.exchanges.append(msg)
@@ -259,6 +275,7 @@ class _Sim:
     i, snapshot, vec = data
     node = self.nodes[i]
     r = node.rounds
+    online = snapshot is not None
     # messages of round r - D lose their payload slot now
     # (a copy already replaced by a newer one in a buffer loses its payload all the same)
     for msg in node.sent.pop(r - self.depth, []):
@@ -270,6 +287,9 @@ class _Sim:
         self.counts["flushed"] += 1
       node.queue = []
       node.busy_until = now
+    if not online:
+      node.rounds += 1
+      return
     dst, frag = (np.asarray(a) for a in self.plan_fn(i, r))
     node.sent.setdefault(r, [])
     info = self.alg.reference_message(node.alg_state)
@@ -278,6 +298,12 @@ class _Sim:
                            versions=vec), now, r)
     node.latest, node.latest_round, node.latest_time, node.latest_known = snapshot, r, now, vec
     node.rounds += 1
+    if not self.avail.online(i, node.rounds):  # it leaves now: what is not uploaded is lost
+      for msg in node.queue:
+        msg.status = "lost"
+        self.counts["lost"] += 1
+      node.queue = []
+      node.busy_until = now
 
   def expire(self, msg):
     if msg.status == "buffered" and msg.reply and self.pairwise:
@@ -303,6 +329,7 @@ class _Sim:
         "msgs_overflow": c["overflow"],
         "msgs_flushed": c["flushed"],
         "msgs_expired": c["expired"],
+        "msgs_lost": c["lost"],
         "msgs_in_flight": len(alive) + sum(len(nd.replaced) for nd in nodes),
         "age_sum": self.age_sum,
         "age_count": self.age_count,
@@ -407,7 +434,7 @@ def simulate_sync(cfg: Config, task, protocol, n_ticks: int, run_key: Optional[j
     rounds += 1
     now += finish
 
-  out = {"msgs_sent": int(sent), "msgs_delivered": int(sent), "msgs_superseded": 0, "msgs_overflow": 0,
+  out = {"msgs_sent": int(sent), "msgs_delivered": int(sent), "msgs_superseded": 0, "msgs_overflow": 0, "msgs_lost": 0,
          "msgs_flushed": 0, "msgs_expired": 0, "msgs_in_flight": 0, "age_sum": 0, "age_count": 0,
          "steps": steps, "rounds": np.full(n, rounds), "time_us": now}
   return params, out

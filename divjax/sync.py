@@ -72,7 +72,7 @@ def node_axes(state: SyncState):
 def message_counts(state: SyncState) -> dict:
   """Every message sent is delivered within its round: int32 scalars, jittable."""
   sent, zero = jnp.asarray(state.sent, jnp.int32), jnp.zeros((), jnp.int32)
-  return {"msgs_sent": sent, "msgs_delivered": sent, "msgs_superseded": zero, "msgs_overflow": zero,
+  return {"msgs_sent": sent, "msgs_delivered": sent, "msgs_superseded": zero, "msgs_overflow": zero, "msgs_lost": zero,
           "msgs_flushed": zero,
           "msgs_expired": zero, "msgs_in_flight": zero}
 
