@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from divjax import algorithms, byzantine, engine as engine_lib, fates, sharding, sync, tasks, versions
+from divjax import algorithms, byzantine, churn, engine as engine_lib, fates, sharding, sync, tasks, versions
 from divjax.config import Config
 
 
@@ -115,6 +115,10 @@ def evaluate(sim: Simulation, state) -> dict:
       "acc_avg_model": float(avg["acc"][0]),
       "consensus": float(_consensus(whole)),
   }
+  av = getattr(sim.params, "availability", None)
+  if av is not None:  # churn: the share of nodes online in their current round
+    rounds = jnp.asarray(sharding.to_host(state.rounds))
+    rec["online_fraction"] = float(jnp.mean(churn.online_in(av, jnp.arange(rounds.shape[0]), rounds)))
   byz = byzantine.mask(sim.cfg)
   if byz.any():  # honest and Byzantine nodes apart: the attackers' own accuracy means nothing
     rec.update(_honest_metrics(sim, ev, whole, byz))
