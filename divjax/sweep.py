@@ -99,7 +99,7 @@ def points(config: Optional[str], overrides: list[str], grid: list[dict]) -> lis
   """Every point's validated config; a bad one is a ConfigError naming the point and the key."""
   out = []
   for i, values in enumerate(grid):
-    sets = [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in values.items()]
+    sets = [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) or v is None else v}" for k, v in values.items()]
     try:
       cfg = configure.load(config, list(overrides) + sets)
     except ConfigError as e:

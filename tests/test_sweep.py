@@ -157,6 +157,9 @@ def test_parse_grid_product_zip_and_ranges():
       {"network.stragglers.kind": "compute"}, {"network.stragglers.kind": "both"}]
   with pytest.raises(ConfigError, match="given twice"):
     sweep.parse_grid(["lr=1", "lr=2"])
+  # null is a value too (a key's default of None), passed on as YAML's null
+  pts = sweep.points(None, [], sweep.parse_grid(["target=null,0.5"]))
+  assert [p.cfg.target for p in pts] == [None, 0.5]
 
 
 def test_a_point_killed_mid_run_continues_from_its_checkpoint(tmp_path):
