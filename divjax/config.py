@@ -77,6 +77,23 @@ class StragglerConfig(_Strict):
   nodes: Optional[list[int]] = None  # explicit straggler ids; overrides `fraction`
 
 
+class BandwidthConfig(_Strict):
+  """Time-varying upload and download rates (divjax.bandwidth), piecewise constant per block
+  of local_steps ticks: `trace`, a CSV file with columns node, upload_mbps [, download_mbps]
+  [, time_s]; or `random_walk`, the standard deviation of each node's log-rate step every
+  `interval_s`, kept within `max_factor` of the configured rates."""
+  trace: Optional[str] = None
+  random_walk: Optional[float] = Field(None, gt=0.0)
+  interval_s: float = Field(1.0, gt=0.0)
+  max_factor: float = Field(10.0, gt=1.0)
+
+  @model_validator(mode="after")
+  def _one_source(self) -> "BandwidthConfig":
+    if self.trace is not None and self.random_walk is not None:
+      raise ValueError("trace: give either a trace or random_walk, not both")
+    return self
+
+
 class NetworkConfig(_Strict):
   upload_mbps: float = Field(60.0, gt=0.0)
   download_mbps: float = Field(60.0, gt=0.0)
@@ -92,6 +109,7 @@ class NetworkConfig(_Strict):
   # capping each message at its region pair's rate on top of the node links.
   preset: Optional[Literal["diablo"]] = None
   stragglers: StragglerConfig = StragglerConfig()
+  bandwidth: BandwidthConfig = BandwidthConfig()
 
 
 class ServerConfig(_Strict):

@@ -88,6 +88,13 @@ def _check_wrappers(cfg: Config) -> None:
       changed = [k for k in type(section).model_fields if getattr(section, k) != getattr(getattr(default, key), k)]
       raise ConfigError(f"{key}.{changed[0]}: wraps the asynchronous engine's messages; algorithm "
                         f"{cfg.algorithm!r} is synchronous: leave the {key} section out")
+  if cfg.network.bandwidth != default.network.bandwidth:
+    if algorithms.PROPERTIES[cfg.algorithm].synchronous:
+      raise ConfigError(f"network.bandwidth: time-varying rates are for the asynchronous engine; algorithm "
+                        f"{cfg.algorithm!r} is synchronous: leave the section out")
+    if cfg.network.bandwidth.trace is not None:
+      from divjax import bandwidth  # noqa: PLC0415
+      bandwidth.read_trace(cfg.network.bandwidth.trace, cfg.n_nodes)   # refused here, naming the key
   if cfg.churn != default.churn and not algorithms.PROPERTIES[cfg.algorithm].synchronous:
     if algorithms.make(cfg).replies is not None:
       raise ConfigError(f"churn: not yet for algorithms with replies ({cfg.algorithm!r}); use divshare, swift, "

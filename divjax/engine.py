@@ -306,7 +306,7 @@ def send(st: Static, s: State, p: Params, ends, acting, busy, k):
   dst, frag = jax.vmap(st.alg.plan, in_axes=(None, 0, 0))(
       sampling.stream(p.key, sampling.STREAM_PLAN), nodes, s.nodes.rounds)                   # (N, M)
   round_ticks = st.h * lk.period
-  service = network_lib.service(lk, jnp.broadcast_to(nodes[:, None], dst.shape), dst, frag)
+  service = network_lib.service(lk, jnp.broadcast_to(nodes[:, None], dst.shape), dst, frag, t // st.h)
   completions = queue.enqueue(busy, service, st.alg.queue.flush)  # exact, however far behind
   completion = tb.narrow(completions)                               # saturating: exact below the horizon
   arrival = completion + (lk.latency_us[nodes][:, None] + lk.latency_us[dst]) // 2
@@ -352,7 +352,7 @@ def due_copies(st: Static, s: State, p: Params, busy):
   if st.reply:
     rep, busy, made = replies_lib.make(
         rep, msgs.dst, msgs.fate, msgs.done, msgs.slot_tick, t, busy, lat_us=lk.latency_us,
-        round_ticks=st.h * lk.period, service=lambda *a: network_lib.service(lk, *a), depth=st.depth,
+        round_ticks=st.h * lk.period, service=lambda *a: network_lib.service(lk, *a, block=t // st.h), depth=st.depth,
         dt_us=st.dt_us, block_us=st.block_us, age_cap=st.age_cap, pairwise=st.pairwise)
     fate_table, rep, due, due_rep = replies_lib.newest_only(
         msgs.dst, msgs.fate, msgs.tick, msgs.done, rep, msgs.slot_tick, t, dt_us=st.dt_us,

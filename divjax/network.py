@@ -15,11 +15,12 @@ that latency).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
+import jax.numpy as jnp
 import numpy as np
 
-from divjax import timebase
+from divjax import bandwidth, timebase
 from divjax.config import Config
 
 
@@ -62,6 +63,10 @@ class Network(NamedTuple):
   download_cap: bool
   region: np.ndarray        # (N,) int64, region of each node (all 0 without a preset)
   link_bps: np.ndarray      # (R, R) float64, region-to-region bandwidth cap (inf: none)
+  # time-varying rates (divjax.bandwidth): (N, blocks of H ticks) float64, or None (fixed)
+  upload_bps_t: Optional[np.ndarray] = None
+  download_bps_t: Optional[np.ndarray] = None
+  block_ticks: int = 1      # ticks per block of the tables (H)
 
 
 def straggler_ids(cfg: Config) -> np.ndarray:
@@ -87,15 +92,20 @@ def build(cfg: Config) -> Network:
     region = (np.arange(n) * link.shape[0]) // n
   else:
     link, region = np.full((1, 1), np.inf), np.zeros(n, np.int64)
+  up, down = net.upload_mbps * 1e6 / factor, net.download_mbps * 1e6 / factor
+  timed = bandwidth.tables(cfg, up, down)
   return Network(
       region=region.astype(np.int64), link_bps=link,
-      upload_bps=net.upload_mbps * 1e6 / factor,
-      download_bps=net.download_mbps * 1e6 / factor,
+      upload_bps=up,
+      download_bps=down,
       latency_us=np.full(n, int(round(net.latency_ms * 1e3)), np.int64),
       period=period.astype(np.int64),
       straggler=slow,
       dt_us=cfg.dt_us,
       download_cap=net.download_cap,
+      upload_bps_t=None if timed is None else timed[0],
+      download_bps_t=None if timed is None else timed[1],
+      block_ticks=cfg.local_steps,
   )
 
 
@@ -108,15 +118,31 @@ def service_us(bits: np.ndarray, bps: np.ndarray) -> np.ndarray:
   return np.minimum(us, timebase.WIDE_MAX_US).astype(np.int64)
 
 
+def _timed_service_us(bits: np.ndarray, bps_t: np.ndarray) -> np.ndarray:
+  """service_us for rates per node and block (N, B): (N, B, F)."""
+  us = np.ceil(bits[None, None, :].astype(np.float64) * 1e6 / bps_t[:, :, None])
+  return np.minimum(us, timebase.WIDE_MAX_US).astype(np.int64)
+
+
+def block_of(net: Network, tick) -> int:
+  """The rate table's block of a tick (the last block for ticks beyond the table)."""
+  return min(int(tick) // net.block_ticks, net.upload_bps_t.shape[1] - 1)
+
+
 def one_service_us(bits, bps: float) -> int:
   """service_us of one message (host int, for the reference simulator)."""
   return int(service_us(np.array([bits]), np.array([bps], np.float64))[0, 0])
 
 
-def link_rate_bps(net: Network, src: int, dst: int) -> float:
-  """The rate one message from src to dst is served at (host, for the reference)."""
-  rate = min(net.upload_bps[src], net.link_bps[net.region[src], net.region[dst]])
-  return min(rate, net.download_bps[dst]) if net.download_cap else rate
+def link_rate_bps(net: Network, src: int, dst: int, tick: int = 0) -> float:
+  """The rate one message from src to dst, enqueued in tick `tick`, is served at (host, for
+  the reference)."""
+  up, down = net.upload_bps[src], net.download_bps[dst]
+  if net.upload_bps_t is not None:
+    b = block_of(net, tick)
+    up, down = net.upload_bps_t[src, b], net.download_bps_t[dst, b]
+  rate = min(up, net.link_bps[net.region[src], net.region[dst]])
+  return min(rate, down) if net.download_cap else rate
 
 
 class Links(NamedTuple):
@@ -138,10 +164,11 @@ def links(net: Network, bits: np.ndarray) -> Links:
   import jax.numpy as jnp
   tb = timebase
   r = net.link_bps.shape[0]
-  down = (service_us(bits, net.download_bps) if net.download_cap
-          else np.zeros((len(net.upload_bps), len(bits)), np.int64))
+  timed = net.upload_bps_t is not None   # then up and down are (N, B, F): per block of H ticks
+  down = ((_timed_service_us(bits, net.download_bps_t) if timed else service_us(bits, net.download_bps))
+          if net.download_cap else np.zeros((len(net.upload_bps), len(bits)), np.int64))
   return Links(
-      up=tb.wide_from_host(service_us(bits, net.upload_bps)),
+      up=tb.wide_from_host(_timed_service_us(bits, net.upload_bps_t) if timed else service_us(bits, net.upload_bps)),
       down=tb.wide_from_host(down),
       link=tb.wide_from_host(service_us(bits, net.link_bps.reshape(-1)).reshape(r, r, -1)),
       region=jnp.asarray(net.region, jnp.int32),
@@ -149,14 +176,22 @@ def links(net: Network, bits: np.ndarray) -> Links:
       period=jnp.asarray(net.period, jnp.int32))
 
 
-def service(lk: Links, src, dst, frag) -> timebase.Wide:
+def service(lk: Links, src, dst, frag, block=None) -> timebase.Wide:
   """Transmission time in us of fragment `frag` from src to dst (works on traced arrays).
 
   The time is size / min(upload_src, [download_dst,] link(region_src, region_dst)), rounded
   up to whole microseconds, written as the max of the rounded-up parts (ceil is monotone).
+  With time-varying rates (divjax.bandwidth) the tables have a block axis: `block` is the
+  block of H ticks in which the message is enqueued (clipped to the table).
   """
   tb = timebase
-  return tb.maximum(tb.maximum(tb.gather(lk.up, src, frag), tb.gather(lk.down, dst, frag)),
+
+  def rate_part(table, node):
+    if table.hi.ndim == 3:
+      return tb.gather(table, node, jnp.minimum(block, table.hi.shape[1] - 1), frag)
+    return tb.gather(table, node, frag)
+
+  return tb.maximum(tb.maximum(rate_part(lk.up, src), rate_part(lk.down, dst)),
                     tb.gather(lk.link, lk.region[src], lk.region[dst], frag))
 
 

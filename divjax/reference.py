@@ -126,15 +126,16 @@ class _Sim:
   def step_time(self, i, k):  # the k-th step slot (1-based) of node i ends then
     return k * int(self.net.period[i]) * self.dt
 
-  def service(self, s, d, f):
-    return network_lib.one_service_us(self.bits[f], network_lib.link_rate_bps(self.net, s, d))
+  def service(self, s, d, f, now):
+    tick = -(-now // self.dt) - 1   # rates in effect in the tick in which it is enqueued (divjax.bandwidth)
+    return network_lib.one_service_us(self.bits[f], network_lib.link_rate_bps(self.net, s, d, tick))
 
   def enqueue(self, msg: Message, now: int, sender_slot: Optional[int]):
     """Puts a message in its sender's FIFO queue; its payload lives in the sender's round
     `sender_slot` (None: the payload is never read, so it is not the sender's to expire)."""
     node = self.nodes[msg.src]
     start = max(node.busy_until, now)
-    msg.completion = node.busy_until = start + self.service(msg.src, msg.dst, msg.frag)
+    msg.completion = node.busy_until = start + self.service(msg.src, msg.dst, msg.frag, now)
     node.queue.append(msg)
     self.counts["sent"] += 1
     self.push(msg.completion, Event.UPLOADED, msg)
