@@ -309,9 +309,11 @@ def plot(out: Path, rows: list[dict], swept: list[str], metric: str = "final_acc
   import numpy as np
   fig, axes = plt.subplots(1, len(swept), figsize=(4 * len(swept), 3.2), squeeze=False)
   for ax, key in zip(axes[0], swept):
-    values = sorted({r[key] for r in rows}, key=lambda v: (isinstance(v, str), v))
+    # null (a key's default) first; strings and nulls are labels, not positions
+    values = sorted({r[key] for r in rows}, key=lambda v: (v is not None, isinstance(v, str), "" if v is None else v))
     ys = [[r[metric] for r in rows if r[key] == v and r[metric] is not None] for v in values]
-    xs = np.arange(len(values)) if any(isinstance(v, str) for v in values) else np.asarray(values, float)
+    labels = any(isinstance(v, str) or v is None for v in values)
+    xs = np.arange(len(values)) if labels else np.asarray(values, float)
     ok = [i for i, y in enumerate(ys) if y]
     mean = [float(np.mean(ys[i])) for i in ok]
     lo, hi = [min(ys[i]) for i in ok], [max(ys[i]) for i in ok]
@@ -322,7 +324,7 @@ def plot(out: Path, rows: list[dict], swept: list[str], metric: str = "final_acc
       ax.fill_between(xs[ok], lo, hi, alpha=0.25)
     ax.set_xlabel(key)
     ax.set_ylabel(metric)
-    if any(isinstance(v, str) for v in values) or key.split(".")[-1] == "seed":
+    if labels or key.split(".")[-1] == "seed":
       ax.set_xticks(xs, [str(v) for v in values])
   fig.tight_layout()
   fig.savefig(out / "sweep.png", dpi=110)
