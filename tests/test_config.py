@@ -13,7 +13,7 @@ from divjax.config import ConfigError
     ("duration_s=0.001", "duration_s: must be at least one local step"),
     ("n_nodes=many", "n_nodes"),
     ("bogus_key=1", "bogus_key: unknown key (allowed here:"),
-    ("network.bogus=1", "network.bogus: unknown key (allowed here: compute_s_per_step"),
+    ("network.bogus=1", "network.bogus: unknown key (allowed here: bandwidth, compute_s_per_step"),
     ("network.stragglers.kind=slow", "network.stragglers.kind"),
     ("algorithm=nope", "(registered: adpsgd, adpsgd_pairwise, divshare, divshare_age, dpsgd, el, el_local, el_oracle, fedavg, sgp, swift, swift_original)"),
     ("network.stragglers.nodes=[99]", "network.stragglers.nodes"),
