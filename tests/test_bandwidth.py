@@ -84,9 +84,12 @@ def test_bad_bandwidth_settings_are_refused(sets, key):
 
 
 AGREEMENT = [
-    ("divshare", "both-stragglers", WALK),
-    ("adpsgd", "comm-stragglers", WALK + ["recipients=4"]),
-    pytest.param("swift", "comm-stragglers", WALK + ["ring_depth=3"], marks=pytest.mark.slow),
+    pytest.param("divshare", "both-stragglers", WALK, marks=pytest.mark.slow),
+    ("adpsgd", "comm-stragglers", WALK + ["recipients=4"]),          # replies, queued at their request
+    ("swift", "comm-stragglers",                                      # every wrapper on a baseline
+     WALK + ["ring_depth=3", "churn.mean_online_s=0.12", "churn.mean_offline_s=0.08", "compression.kind=random_k",
+             "compression.fraction=0.5", "aggregation.rule=median", "byzantine.fraction=0.34",
+             "byzantine.attack=alie"]),
     pytest.param("adpsgd_pairwise", "fast-links", WALK + ["network.upload_mbps=0.2"], marks=pytest.mark.slow),
     pytest.param("divshare", "slow-links-flush", WALK, marks=pytest.mark.slow),
     pytest.param("divshare", "both-stragglers",       # with every other wrapper

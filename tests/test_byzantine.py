@@ -159,10 +159,12 @@ def test_byzantine_choice_is_seeded_and_explicit_ids_win():
 # ---- the engine against the reference, with stragglers
 
 
+# The default run has one case (and tests/test_bandwidth.py one of every wrapper composed on
+# Swift); `-m slow` runs the rest.
 AGREEMENT = [
-    ("divshare", "sign_flip", "median", "both-stragglers", []),
+    pytest.param("divshare", "sign_flip", "median", "both-stragglers", [], marks=pytest.mark.slow),
     ("divshare", "gaussian", "trimmed_mean", "comm-stragglers", ["aggregation.inbox=2"]),   # overflow
-    ("swift", "alie", "median", "comm-stragglers", []),
+    pytest.param("swift", "alie", "median", "comm-stragglers", [], marks=pytest.mark.slow),
     pytest.param("divshare", "ipm", "centered_clip", "both-stragglers", ["aggregation.clip_tau=0.5"],
                  marks=pytest.mark.slow),
     pytest.param("divshare", "alie", "self_centered_clip", "compute-stragglers-superseded", [],

@@ -52,6 +52,7 @@ def test_bad_traces_are_refused_naming_the_key(tmp_path, rows, what):
     tiny_config(f"churn.trace={trace}")
 
 
+@pytest.mark.slow  # the same exit path as tests/test_byzantine.py's
 def test_cli_refuses_a_bad_trace_with_exit_2(tmp_path):
   trace = tmp_path / "t.csv"
   trace.write_text("0,0.3,0.1\n")
@@ -90,8 +91,8 @@ def test_an_offline_node_neither_trains_nor_sends(tmp_path):
 
 AGREEMENT = [
     ("divshare", "both-stragglers", []),
-    ("swift", "comm-stragglers", ["ring_depth=3"]),
-    ("sgp", "comm-stragglers", []),
+    pytest.param("swift", "comm-stragglers", ["ring_depth=3"], marks=pytest.mark.slow),
+    ("sgp", "comm-stragglers", []),                   # an algorithm with its own state and rule
     pytest.param("divshare", "slow-links-flush", [], marks=pytest.mark.slow),
     pytest.param("divshare", "short-ring-expires", [], marks=pytest.mark.slow),
     pytest.param("divshare_age", "compute-stragglers-superseded", [], marks=pytest.mark.slow),
@@ -116,6 +117,7 @@ def test_engine_matches_reference_with_churn(alg, case, extra):
                             + c["msgs_in_flight"])
 
 
+@pytest.mark.slow
 def test_engine_matches_reference_with_a_trace(tmp_path):
   trace = tmp_path / "t.csv"
   trace.write_text("0,0.05,0.15\n3,0,0.1\n3,0.2,0.3\n5,0.12,0.5\n")

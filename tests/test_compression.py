@@ -94,8 +94,8 @@ def test_smaller_messages_reach_the_network_model():
 
 AGREEMENT = [
     ("divshare", "top_k", "both-stragglers", ["compression.fraction=0.3"]),
-    ("swift", "qsgd", "comm-stragglers", ["compression.levels=8", "ring_depth=3"]),
-    ("adpsgd", "random_k", "compute-stragglers-superseded", ["compression.fraction=0.2", "recipients=4"]),
+    pytest.param("swift", "qsgd", "comm-stragglers", ["compression.levels=8", "ring_depth=3"], marks=pytest.mark.slow),
+    ("adpsgd", "random_k", "compute-stragglers-superseded", ["compression.fraction=0.2", "recipients=4"]),   # replies
     pytest.param("divshare", "top_k", "slow-links-flush", ["compression.fraction=0.3", "compression.error_feedback=false"],
                  marks=pytest.mark.slow),
     pytest.param("divshare", "qsgd", "both-stragglers", ["compression.levels=4", "compression.error_feedback=false"],
