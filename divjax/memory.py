@@ -92,11 +92,12 @@ class Shapes(NamedTuple):
   versions: int = 0  # observe.versions: slots holding N x N version vectors (D + 1), 0 when off
   ring_item: int = 4  # bytes per ring payload value (ring_dtype)
   gathered: int = 0   # copies per node a robust rule reads as a block (F x K, divjax.inbox), 0: none
+  schedules: int = 0  # bytes of churn's availability and time-varying rates' tables (engine.Params)
 
 
 # ------------------------------------------------------------------------------ the formula
 
-_STATE = ("params", "optimizer", "ring", "messages", "stored_copies", "versions", "other_state")
+_STATE = ("params", "optimizer", "ring", "messages", "stored_copies", "versions", "other_state", "schedules")
 _STEPPING = ("training", "routing", "tables_work", "versions_work", "mixing")  # a chunk's temporaries
 
 
@@ -116,6 +117,7 @@ def parts(s: Shapes, state: Optional[dict[str, int]] = None) -> dict[str, int]:
       "other_state": (4 * n + 9 if s.depth else 2 * n + 5) * f4,
       "versions": s.versions * n * n * f4,
       "data": s.train_data + s.test_data,
+      "schedules": s.schedules,
   }
   out.update(state or {})
   tables = out["messages"]
@@ -391,7 +393,19 @@ def shapes(cfg: Config, sim=None) -> Shapes:
       eval_models=evaluated, eval_act=eval_act * min(evaluated, group or evaluated),
       train_data=train_data, test_data=test_data,
       versions=depth + 1 if cfg.observe.versions != "off" and not proto["sync"] else 0,
-      ring_item=np.dtype(jnp.dtype(cfg.ring_dtype)).itemsize, gathered=proto.get("gathered", 0))
+      ring_item=np.dtype(jnp.dtype(cfg.ring_dtype)).itemsize, gathered=proto.get("gathered", 0),
+      schedules=0 if proto["sync"] else _schedule_bytes(cfg, f))
+
+
+def _schedule_bytes(cfg: Config, frags: int) -> int:
+  """churn's (N, rounds) online and next-offline tables; time-varying rates' (N, blocks, F)
+  service times (two int32 words each, for the upload and, with download_cap, the download)."""
+  from divjax import bandwidth, churn
+  blocks = int(cfg.n_ticks // cfg.local_steps) + 2
+  out = cfg.n_nodes * blocks * 5 if churn.enabled(cfg) else 0
+  if bandwidth.enabled(cfg):
+    out += cfg.n_nodes * blocks * frags * 8 * (2 if cfg.network.download_cap else 1)
+  return out
 
 
 def _tree_bytes(tree) -> int:

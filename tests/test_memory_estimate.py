@@ -78,6 +78,8 @@ def test_a_huge_latency_is_named_through_the_automatic_ring_depth():
     ["data.partition=kshard", "network.stragglers.fraction=0.5", "network.stragglers.kind=compute",
      "network.stragglers.slowdown=3"],
     ["aggregation.rule=centered_clip", "byzantine.fraction=0.34"],
+    ["churn.mean_online_s=1", "churn.mean_offline_s=1", "network.bandwidth.random_walk=0.5",
+     "compression.kind=top_k"],
 ], ids=lambda o: " ".join(o) or "divshare")
 def test_precheck_predicts_the_built_runs_shapes(overrides):
   """Ring depth (automatic too), fragments, tables, data sizes: what precheck predicts from
