@@ -68,11 +68,25 @@ def _flat(layout_values: np.ndarray, coords: list, p: int) -> np.ndarray:
   return out
 
 
+def _recipient_noise(key, src, dst, round_, frag, width: int):
+  """N(0, I) (L,) for one (sender, recipient, the recipient's round, fragment)."""
+  k = jax.random.fold_in(sampling.node_key(key, src, dst), round_ * 4096 + frag)
+  return jax.random.normal(k, (width,), jnp.float32)
+
+
 def with_byzantine(alg: AsyncAlgorithm, byz: np.ndarray, attack: str, scale: Optional[float] = None,
-                   z: Optional[float] = None) -> AsyncAlgorithm:
-  """`alg` with the nodes in boolean mask `byz` (N,) sending `attack` instead of their model."""
+                   z: Optional[float] = None, per_recipient: bool = False) -> AsyncAlgorithm:
+  """`alg` with the nodes in boolean mask `byz` (N,) sending `attack` instead of their model.
+
+  per_recipient (gaussian only): every recipient gets its own noise, drawn for (sender,
+  recipient, the recipient's round, fragment), instead of one noisy payload for all.
+  """
   if attack not in ATTACKS:
     raise ValueError(f"byzantine.attack: must be one of {', '.join(ATTACKS)} (got {attack!r})")
+  if per_recipient and attack != "gaussian":
+    raise ValueError(f"byzantine.per_recipient: only the gaussian attack draws per recipient (got {attack!r})")
+  if per_recipient:
+    return _per_recipient(alg, np.asarray(byz, bool), DEFAULT_SCALE[attack] if scale is None else float(scale))
   byz = np.asarray(byz, bool)
   honest = ~byz
   s = DEFAULT_SCALE[attack] if scale is None else float(scale)
@@ -116,3 +130,26 @@ def with_byzantine(alg: AsyncAlgorithm, byz: np.ndarray, attack: str, scale: Opt
     return inner_ref(i, np.concatenate([models[:i], x[None], models[i + 1:]]), coords, key, round_, state)
 
   return alg._replace(snapshot=snapshot, reference_snapshot=reference_snapshot)
+
+
+def _per_recipient(alg: AsyncAlgorithm, byz: np.ndarray, s: float) -> AsyncAlgorithm:
+  """The gaussian attack, its noise drawn where each recipient reads the payload."""
+  inner, inner_ref = alg.received, alg.reference_received
+  mask = jnp.asarray(byz)
+
+  def received(got, src, dst, frag, round_, key):
+    if inner is not None:
+      got = inner(got, src, dst, frag, round_, key)
+    draw = lambda a, b, r, f: _recipient_noise(key, a, b, r, f, got.shape[-1])
+    for _ in range(src.ndim):
+      draw = jax.vmap(draw)
+    return jnp.where(mask[src][..., None], got + s * draw(src, dst, round_, frag), got)
+
+  def reference_received(payload, src, dst, frag, round_, key, width):
+    if inner_ref is not None:
+      payload = inner_ref(payload, src, dst, frag, round_, key, width)
+    if not byz[src]:
+      return payload
+    return payload + np.float32(s) * np.asarray(_recipient_noise(key, src, dst, round_, frag, width))[:payload.size]
+
+  return alg._replace(received=received, reference_received=reference_received)

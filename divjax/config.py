@@ -179,12 +179,21 @@ class ByzantineConfig(_Strict):
     alie       mean - z std of the honest models, coordinate-wise ("a little is enough",
                Baruch et al. 2019; z by default their z_max for n_nodes and the Byzantine count)
     ipm        -scale mean of the honest models (inner-product manipulation, Xie et al. 2020;
-               scale 0.1 by default)"""
+               scale 0.1 by default)
+  per_recipient (gaussian): a different noisy payload for every recipient."""
   fraction: float = Field(0.0, ge=0.0, lt=1.0)
   nodes: Optional[list[int]] = None
   attack: Literal["sign_flip", "gaussian", "alie", "ipm"] = "sign_flip"
   scale: Optional[float] = Field(None, gt=0.0)
   z: Optional[float] = Field(None, gt=0.0)
+  # gaussian: each recipient gets its own noise (a different payload per recipient)
+  per_recipient: bool = False
+
+  @model_validator(mode="after")
+  def _per_recipient_gaussian(self) -> "ByzantineConfig":
+    if self.per_recipient and self.attack != "gaussian":
+      raise ValueError(f"per_recipient: only the gaussian attack draws per recipient (got attack {self.attack!r})")
+    return self
 
 
 class ChurnConfig(_Strict):

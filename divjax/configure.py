@@ -88,6 +88,10 @@ def _check_wrappers(cfg: Config) -> None:
       changed = [k for k in type(section).model_fields if getattr(section, k) != getattr(getattr(default, key), k)]
       raise ConfigError(f"{key}.{changed[0]}: wraps the asynchronous engine's messages; algorithm "
                         f"{cfg.algorithm!r} is synchronous: leave the {key} section out")
+  if cfg.byzantine.per_recipient and cfg.algorithm in ("swift_original", "adpsgd_pairwise"):
+    # they read stored copies or exchange whole models, not payloads through the inbox
+    raise ConfigError(f"byzantine.per_recipient: algorithm {cfg.algorithm!r} does not read payloads through "
+                      f"the inbox; use divshare, swift, adpsgd, sgp or divshare_age")
   if cfg.network.bandwidth != default.network.bandwidth:
     if algorithms.PROPERTIES[cfg.algorithm].synchronous:
       raise ConfigError(f"network.bandwidth: time-varying rates are for the asynchronous engine; algorithm "

@@ -402,11 +402,17 @@ def end_rounds(st: Static, s: State, p: Params, ends) -> State:
   x = x_own if not st.pairwise else fragments_lib.to_layout(params, frags)
   k = s.nodes.rounds % st.depth                                                               # (N,)
   sent, alg_state = x_own, s.alg
+  real = jnp.arange(st.width)[None, :] < jnp.asarray(st.frags.sizes)[:, None]               # (F, L)
   if st.alg.snapshot is not None:  # what the nodes send instead of their own model (wrappers)
-    real = jnp.arange(st.width)[None, :] < jnp.asarray(st.frags.sizes)[:, None]             # (F, L)
     sent, alg_state = st.alg.snapshot(x_own, real, sampling.stream(p.key, sampling.STREAM_SNAPSHOT),
                                       s.nodes.rounds, acting, alg_state)
-  mixed, alg_state = st.alg.aggregate(x, ring_lib.Inbox(s.ring, copies, acting, k), alg_state)
+  received = None
+  if st.alg.received is not None:  # a payload per recipient (wrappers)
+    k_recv = sampling.stream(p.key, sampling.STREAM_RECEIVED)
+    # padding stays 0 whatever a wrapper adds: a copy's norm (clipping rules) reads every entry
+    received = lambda got, src, dst, frag: jnp.where(
+        real[frag], st.alg.received(got, src, dst, frag, s.nodes.rounds[dst], k_recv), 0.0)
+  mixed, alg_state = st.alg.aggregate(x, ring_lib.Inbox(s.ring, copies, acting, k, received), alg_state)
   params = jnp.where(acting[:, None], fragments_lib.from_layout(mixed, frags), params)
   vers = s.versions
   if vers is not None:  # the observer sees exactly the copies just aggregated

@@ -65,7 +65,7 @@ def overflow(copies, rounds, seed_u32, n_frags: int, k: int):
   return (flat(c.due) & (r >= k)).reshape(c.due.shape)
 
 
-def gather(ring, copies: tuple, k: int):
+def gather(ring, copies: tuple, k: int, received=None):
   """The due copies as blocks: values (N, F, K, L) float32 and valid (N, F, K) bool.
 
   Every (receiver, fragment) must have at most K due copies (the engine's overflow step
@@ -85,6 +85,9 @@ def gather(ring, copies: tuple, k: int):
   pad = lambda a: jnp.concatenate([a, jnp.zeros((1,), a.dtype)])[idx]
   frag_of_row = jnp.broadcast_to((jnp.arange(n * f) % f)[:, None], idx.shape)
   vals = ring[pad(slot), pad(src), frag_of_row].astype(jnp.float32)                          # (N*F, K, L)
+  if received is not None:  # what each receiver gets instead (a per-recipient payload)
+    rows = jnp.broadcast_to((jnp.arange(n * f) // f)[:, None], idx.shape)
+    vals = received(vals, pad(src), rows, frag_of_row)
   vals = jnp.where(valid[..., None], vals, 0.0)
   return vals.reshape(n, f, k, width), valid.reshape(n, f, k)
 

@@ -97,6 +97,8 @@ class _Sim:
     k_batch = sampling.stream(run_key, sampling.STREAM_BATCH)
     k_plan = sampling.stream(run_key, sampling.STREAM_PLAN)
     self.k_snapshot = sampling.stream(run_key, sampling.STREAM_SNAPSHOT)
+    self.k_received = sampling.stream(run_key, sampling.STREAM_RECEIVED)
+    self.width = max(c.size for c in self.coords)
     self.inbox_seed = np.uint32(inbox_lib.seed(run_key))
     x0 = np.asarray(task.initial_models(run_key, cfg.n_nodes, cfg.init.spread), np.float32)
     self.nodes = [Node(p.copy(), np.zeros_like(p), alg.reference_init(p)) for p in x0]
@@ -245,7 +247,11 @@ class _Sim:
         node.known = np.maximum(node.known, msg.versions)
       elif node.known is not None:   # direct: only the sender's own version
         node.known[msg.src] = max(node.known[msg.src], msg.versions[msg.src])
-      received.append(Received(msg.src, self.coords[msg.frag], msg.payload, (now - msg.send_time) // self.dt,
+      payload = msg.payload
+      if self.alg.reference_received is not None:  # what this receiver gets (a per-recipient payload)
+        payload = np.asarray(self.alg.reference_received(payload, msg.src, i, msg.frag, node.rounds,
+                                                         self.k_received, self.width), np.float32)
+      received.append(Received(msg.src, self.coords[msg.frag], payload, (now - msg.send_time) // self.dt,
                                msg.info))
       msg.status = "delivered"
       self.counts["delivered"] += 1

@@ -28,7 +28,7 @@ def columns_per_step(m: int, n: int, width: int) -> int:
   return int(max(1, min(m, ROUTE_FLOATS // max(1, n * width))))
 
 
-def route(ring, due, src, slot, dst, frag, weight=None, per_coordinate: bool = False):
+def route(ring, due, src, slot, dst, frag, weight=None, per_coordinate: bool = False, received=None):
   """Sums due payloads ring[slot, src, frag] into receivers dst: gather + segment_sum.
 
   The records are (N, D, M) arrays. They are routed one table slot at a time, split further
@@ -39,6 +39,8 @@ def route(ring, due, src, slot, dst, frag, weight=None, per_coordinate: bool = F
     weight: optional (N, D, M) float32 weight of each copy (default 1).
     per_coordinate: payloads may hold only some coordinates (NaN elsewhere: sparsified,
       divjax.compression); counts are then per coordinate.
+    received: optional (payloads (C, N, L), src, dst, frag) -> payloads: what each receiver
+      gets instead (a per-recipient payload, Inbox.received).
 
   Returns:
     sums (N, F, L) and counts (N, F), or (N, F, L) per coordinate (summed weights), of the
@@ -56,6 +58,8 @@ def route(ring, due, src, slot, dst, frag, weight=None, per_coordinate: bool = F
 
   def add(acc, slot_c, src_c, dst_c, frag_c, due_c, w_c):
     got = ring[slot_c, src_c, frag_c].astype(jnp.float32)  # summed in float32 (ring_dtype)
+    if received is not None:
+      got = received(got, src_c, dst_c, frag_c)
     if w_c is None:
       payload = jnp.where(due_c[..., None], got, 0.0)                                       # (C, N, L)
       c = due_c.astype(jnp.float32)
@@ -106,15 +110,17 @@ class Inbox(NamedTuple):
   copies: tuple     # of Copies: the round's pushes, then (push-pull) the replies
   ends: Optional[jax.Array] = None   # (N,) bool, the nodes ending a round now
   slot: Optional[jax.Array] = None   # (N,) int32, the ring slot their new snapshot goes to
+  # (payloads, src, dst, frag) -> what each receiver gets (AsyncAlgorithm.received), or None
+  received: Optional[callable] = None
 
   def gather(self, k: int):
     """Every due copy: values (N, F, K, L) float32 and valid (N, F, K) (divjax.inbox)."""
-    return inbox_lib.gather(self.ring, self.copies, k)
+    return inbox_lib.gather(self.ring, self.copies, k, self.received)
 
   def sum(self, weight: Optional[callable] = None, per_coordinate: bool = False):
     sums = counts = None
     for c in self.copies:
       s, k = route(self.ring, c.due, c.src, c.slot, c.dst, c.frag,
-                   None if weight is None else weight(c), per_coordinate)
+                   None if weight is None else weight(c), per_coordinate, self.received)
       sums, counts = (s, k) if sums is None else (sums + s, counts + k)
     return sums, counts

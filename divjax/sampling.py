@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 # Independent streams derived from the run key.
-STREAM_BATCH, STREAM_PLAN, STREAM_INIT, STREAM_SNAPSHOT, STREAM_INBOX = 1, 2, 3, 4, 5
+STREAM_BATCH, STREAM_PLAN, STREAM_INIT, STREAM_SNAPSHOT, STREAM_INBOX, STREAM_RECEIVED = 1, 2, 3, 4, 5, 6
 
 
 def stream(run_key: jax.Array, which: int) -> jax.Array:

@@ -150,6 +150,20 @@ def test_attacks_change_only_byzantine_payloads_and_match_the_reference(attack):
     np.testing.assert_allclose(sent[4], -0.1 * honest.mean(0), rtol=1e-5, atol=1e-6)
 
 
+def test_per_recipient_noise_differs_between_recipients_and_spares_honest_senders():
+  byz = np.array([0, 1, 0, 0, 1, 0], bool)
+  alg = byzantine.with_byzantine(algorithms.make(tiny_config()), byz, "gaussian", per_recipient=True)
+  assert alg.snapshot is None                      # nothing changes at the sender
+  got = jnp.ones((4, 5), jnp.float32)
+  src, dst = jnp.array([1, 1, 0, 4]), jnp.array([2, 3, 2, 2])
+  frag, rounds = jnp.zeros(4, jnp.int32), jnp.array([5, 5, 5, 5])
+  out = np.asarray(alg.received(got, src, dst, frag, rounds, jax.random.key(0)))
+  assert not np.allclose(out[0], out[1]) and not np.allclose(out[0], out[3])   # per recipient, per sender
+  np.testing.assert_array_equal(out[2], np.ones(5))                           # an honest sender
+  ref = alg.reference_received(np.ones(3, np.float32), 1, 2, 0, 5, jax.random.key(0), 5)
+  np.testing.assert_allclose(ref, out[0, :3], rtol=1e-6)
+
+
 def test_byzantine_choice_is_seeded_and_explicit_ids_win():
   a = byzantine.ids(tiny_config("byzantine.fraction=0.34"))
   assert a.size == 2 and np.array_equal(a, byzantine.ids(tiny_config("byzantine.fraction=0.34")))
@@ -172,6 +186,9 @@ AGREEMENT = [
     pytest.param("swift", "sign_flip", "self_centered_clip", "both-stragglers", ["ring_depth=3"],
                  marks=pytest.mark.slow),
     pytest.param("divshare", None, "mean", "both-stragglers", ["aggregation.inbox=2"], marks=pytest.mark.slow),
+    ("divshare", "gaussian", "self_centered_clip", "both-stragglers", ["byzantine.per_recipient=true"]),
+    pytest.param("adpsgd", "gaussian", "mean", "comm-stragglers", ["byzantine.per_recipient=true", "recipients=4"],
+                 marks=pytest.mark.slow),
 ]
 
 
@@ -201,6 +218,9 @@ def test_engine_matches_reference_with_byzantine_nodes(alg, attack, rule, case, 
     (["algorithm=sgp", "aggregation.rule=median"], "aggregation.rule"),
     (["algorithm=adpsgd", "aggregation.rule=median"], "aggregation.rule"),
     (["algorithm=fedavg", "byzantine.fraction=0.2"], "byzantine.fraction"),
+    (["byzantine.fraction=0.2", "byzantine.per_recipient=true"], "per_recipient"),       # sign_flip
+    (["algorithm=swift_original", "topology=regular", "byzantine.fraction=0.2", "byzantine.attack=gaussian",
+      "byzantine.per_recipient=true"], "byzantine.per_recipient"),
 ])
 def test_bad_settings_are_refused_naming_the_key(sets, key):
   with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -53,7 +53,7 @@ def make(cfg):
     alg = robust.with_bounded_inbox(alg, agg.inbox)
   if byzantine.ids(cfg).size:
     alg = byzantine.with_byzantine(alg, byzantine.mask(cfg), cfg.byzantine.attack, cfg.byzantine.scale,
-                                   cfg.byzantine.z)
+                                   cfg.byzantine.z, cfg.byzantine.per_recipient)
   return alg
 
 

@@ -107,6 +107,12 @@ class AsyncAlgorithm(NamedTuple):
     inbox: None, or K: at most K copies per (receiver, fragment) reach one aggregation; the
       rest end as OVERFLOW (a seeded random choice of which, divjax.inbox). Rules that need every
       copy (divjax.robust) read them with `Inbox.gather(K)`.
+    received: None, or what each receiver gets instead of the payload its sender stored: a
+      different payload per recipient, (payloads (..., L), src, dst, frag, receiver round
+      (...), key) -> payloads (..., L), applied where the inbox reads the ring (`sum`,
+      `gather`); key is the run's STREAM_RECEIVED stream. Wrappers: divjax.byzantine.
+    reference_received: the same for one copy in numpy: (payload (len,), src, dst, frag,
+      round, key, width L) -> payload.
   """
   name: str
   fragments: int
@@ -123,6 +129,8 @@ class AsyncAlgorithm(NamedTuple):
   snapshot: Optional[Callable] = None
   reference_snapshot: Optional[Callable] = None
   inbox: Optional[int] = None
+  received: Optional[Callable] = None
+  reference_received: Optional[Callable] = None
 
   def check(self) -> None:
     if self.replies is not None and (self.queue.flush or self.fragments != 1):
