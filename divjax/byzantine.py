@@ -28,7 +28,7 @@ import numpy as np
 from divjax import sampling
 from divjax.algorithms.base import AsyncAlgorithm
 
-ATTACKS = ("sign_flip", "gaussian", "alie", "ipm")
+ATTACKS = ("sign_flip", "gaussian", "alie", "ipm")   # and "crash": offline for good (divjax.churn)
 DEFAULT_SCALE = {"sign_flip": 1.0, "gaussian": 1.0, "ipm": 0.1, "alie": None}
 
 

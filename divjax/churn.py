@@ -37,7 +37,13 @@ class Availability(NamedTuple):
 
 def enabled(cfg) -> bool:
   c = cfg.churn
-  return c.trace is not None or c.mean_online_s is not None
+  return c.trace is not None or c.mean_online_s is not None or crashes(cfg)
+
+
+def crashes(cfg) -> bool:
+  """Byzantine nodes that crash (attack `crash`): offline from byzantine.crash_at_s on."""
+  from divjax import byzantine  # noqa: PLC0415  (it imports the algorithms)
+  return cfg.byzantine.attack == "crash" and byzantine.ids(cfg).size > 0
 
 
 def read_trace(path: str, n_nodes: int) -> list[list[tuple[float, float]]]:
@@ -92,10 +98,18 @@ def _exponential(rng: np.random.Generator, mean_on: float, mean_off: float, hori
 def offline_intervals(cfg, horizon_s: float) -> list[list[tuple[float, float]]]:
   c = cfg.churn
   if c.trace is not None:
-    return read_trace(c.trace, cfg.n_nodes)
-  # each node its own stream, so a longer horizon extends the same schedule (resume)
-  return [_exponential(np.random.default_rng([cfg.data_seed, 0xC4, i]), c.mean_online_s, c.mean_offline_s,
-                       horizon_s) for i in range(cfg.n_nodes)]
+    out = read_trace(c.trace, cfg.n_nodes)
+  elif c.mean_online_s is not None:
+    # each node its own stream, so a longer horizon extends the same schedule (resume)
+    out = [_exponential(np.random.default_rng([cfg.data_seed, 0xC4, i]), c.mean_online_s, c.mean_offline_s,
+                        horizon_s) for i in range(cfg.n_nodes)]
+  else:
+    out = [[] for _ in range(cfg.n_nodes)]
+  if crashes(cfg):
+    from divjax import byzantine  # noqa: PLC0415
+    for i in byzantine.ids(cfg):
+      out[i] = out[i] + [(cfg.byzantine.crash_at_s, np.inf)]
+  return out
 
 
 def tables(cfg, round_ticks: np.ndarray, dt_us: int, n_ticks: int) -> tuple[np.ndarray, np.ndarray]:

@@ -180,14 +180,18 @@ class ByzantineConfig(_Strict):
                Baruch et al. 2019; z by default their z_max for n_nodes and the Byzantine count)
     ipm        -scale mean of the honest models (inner-product manipulation, Xie et al. 2020;
                scale 0.1 by default)
+    crash      silent from crash_at_s on: neither trains, sends nor receives (messages to it
+               and its unsent queue end as `lost`, as for a node offline under churn)
   per_recipient (gaussian): a different noisy payload for every recipient."""
   fraction: float = Field(0.0, ge=0.0, lt=1.0)
   nodes: Optional[list[int]] = None
-  attack: Literal["sign_flip", "gaussian", "alie", "ipm"] = "sign_flip"
+  attack: Literal["sign_flip", "gaussian", "alie", "ipm", "crash"] = "sign_flip"
   scale: Optional[float] = Field(None, gt=0.0)
   z: Optional[float] = Field(None, gt=0.0)
   # gaussian: each recipient gets its own noise (a different payload per recipient)
   per_recipient: bool = False
+  # crash: the nodes fall silent from this simulated time on (offline for good, divjax.churn)
+  crash_at_s: float = Field(0.0, ge=0.0)
 
   @model_validator(mode="after")
   def _per_recipient_gaussian(self) -> "ByzantineConfig":

@@ -99,9 +99,11 @@ def _check_wrappers(cfg: Config) -> None:
     if cfg.network.bandwidth.trace is not None:
       from divjax import bandwidth  # noqa: PLC0415
       bandwidth.read_trace(cfg.network.bandwidth.trace, cfg.n_nodes)   # refused here, naming the key
-  if cfg.churn != default.churn and not algorithms.PROPERTIES[cfg.algorithm].synchronous:
+  crash = cfg.byzantine.attack == "crash" and cfg.byzantine != default.byzantine
+  if (cfg.churn != default.churn or crash) and not algorithms.PROPERTIES[cfg.algorithm].synchronous:
     if algorithms.make(cfg).replies is not None:
-      raise ConfigError(f"churn: not yet for algorithms with replies ({cfg.algorithm!r}); use divshare, swift, "
+      key = "churn" if cfg.churn != default.churn else "byzantine.attack: crash"
+      raise ConfigError(f"{key}: not yet for algorithms with replies ({cfg.algorithm!r}); use divshare, swift, "
                         f"sgp, swift_original or divshare_age")
     if cfg.churn.trace is not None:
       from divjax import churn  # noqa: PLC0415

@@ -205,6 +205,16 @@ def test_engine_matches_reference_with_byzantine_nodes(alg, attack, rule, case, 
   assert_agree(state, ref_params, ref_counts)
 
 
+def test_crashed_nodes_fall_silent_and_the_engine_matches_the_reference():
+  cfg = tiny_config("fragments=2", *CASES["comm-stragglers"], "byzantine.nodes=[1,4]", "byzantine.attack=crash",
+                    "byzantine.crash_at_s=0.08")
+  state, ref_params, ref_counts = run_both(cfg, n_ticks=48)
+  assert_agree(state, ref_params, ref_counts)
+  steps = np.asarray(state.steps)
+  assert steps[1] == steps[4] == 8 and steps[0] == 48          # they trained until 0.08 s, then nothing
+  assert ref_counts["msgs_lost"] > 0                            # what was sent to them afterwards
+
+
 # ---- config, metrics
 
 
@@ -219,6 +229,7 @@ def test_engine_matches_reference_with_byzantine_nodes(alg, attack, rule, case, 
     (["algorithm=adpsgd", "aggregation.rule=median"], "aggregation.rule"),
     (["algorithm=fedavg", "byzantine.fraction=0.2"], "byzantine.fraction"),
     (["byzantine.fraction=0.2", "byzantine.per_recipient=true"], "per_recipient"),       # sign_flip
+    (["algorithm=adpsgd", "byzantine.fraction=0.2", "byzantine.attack=crash"], "byzantine.attack: crash"),
     (["algorithm=swift_original", "topology=regular", "byzantine.fraction=0.2", "byzantine.attack=gaussian",
       "byzantine.per_recipient=true"], "byzantine.per_recipient"),
 ])

@@ -51,7 +51,7 @@ def make(cfg):
                                          iters=agg.clip_iters)
   elif agg.inbox is not None:
     alg = robust.with_bounded_inbox(alg, agg.inbox)
-  if byzantine.ids(cfg).size:
+  if byzantine.ids(cfg).size and cfg.byzantine.attack != "crash":   # a crash is churn's (divjax.churn)
     alg = byzantine.with_byzantine(alg, byzantine.mask(cfg), cfg.byzantine.attack, cfg.byzantine.scale,
                                    cfg.byzantine.z, cfg.byzantine.per_recipient)
   return alg
