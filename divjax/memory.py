@@ -474,6 +474,7 @@ _PARTS = {
     "tables_work": "the round end's work on the message tables",
     "mixing": "the models gathered per synchronous round (edges x model)",
     "evaluation": "an evaluation step (eval_batch test samples x the models evaluated together)",
+    "schedules": "churn's availability and the time-varying rates' tables",
 }
 # Keys whose value can make a part large, tried at their defaults to find the one that does.
 _KNOBS = ("n_nodes", "observe.versions", "ring_depth", "network.latency_ms", "network.compute_s_per_step", "local_steps",
@@ -549,7 +550,10 @@ def _limit(cfg: Config, device) -> tuple[Optional[int], str]:
 
 
 def _verdict(cfg: Config, p: dict[str, int], depth: int, device) -> dict[str, Any]:
-  total = p.pop("total")
+  copy = checkpoint_copy(p, device)
+  total = p.pop("total") + copy
+  if copy:
+    p["checkpoint_copy"] = copy
   limit, source = _limit(cfg, device)
   info = {"estimate_bytes": total, "parts": p, "limit_bytes": limit, "limit_source": source}
   if limit is None or total <= limit:
@@ -579,13 +583,21 @@ def _verdict(cfg: Config, p: dict[str, int], depth: int, device) -> dict[str, An
       f"eval_batch = {cfg.eval_batch}.)")
 
 
+def checkpoint_copy(p: dict[str, int], device=None) -> int:
+  """Bytes a checkpoint adds: it gathers the whole state into host memory, which on a CPU is
+  the device's (measured, the largest runs' peak grew by about the state's size at a
+  checkpoint: BENCHMARKS.md, "The largest N within 20 GB"); on an accelerator, nothing."""
+  return sum(p[k] for k in _STATE) if (device or jax.local_devices()[0]).platform == "cpu" else 0
+
+
 def fitting_block(cfg: Config, limit: int) -> Optional[int]:
   """The largest train_block (a power of two below the nodes trained together now) whose
   estimate fits in `limit` bytes, or None if none does."""
   now = min(cfg.n_nodes, cfg.train_block or _model_shapes(cfg)[1][0].group or cfg.n_nodes)
   block = 1 << max(0, (now - 1).bit_length() - 1)     # the largest power of two below `now`
   while block >= 1:
-    if block < now and parts(shapes(cfg.model_copy(update={"train_block": block})))["total"] <= limit:
+    p = parts(shapes(cfg.model_copy(update={"train_block": block})))
+    if block < now and p["total"] + checkpoint_copy(p) <= limit:
       return block
     block //= 2
   return None
@@ -599,7 +611,7 @@ def blocked_if_needed(cfg: Config, device=None) -> Config:
     return cfg
   limit, _ = _limit(cfg, device)
   p = parts(shapes(cfg))
-  total = p.pop("total")
+  total = p.pop("total") + checkpoint_copy(p, device)
   if limit is None or total <= limit or _largest_part(p)[0] != "training":
     return cfg
   block = fitting_block(cfg, limit)
