@@ -10,6 +10,9 @@ An offline node does not train, aggregate, send or receive. Messages that reach 
 offline, and messages in its send queue not uploaded when it leaves (the end of its last
 online round), end as LOST. A flushing algorithm flushes its queue at the round end where the
 node leaves, as usual, and the new round's messages, which cannot be uploaded, are lost.
+AD-PSGD's replies (divjax.replies): a replier answers with the snapshot of its last online
+round, unless that round's ring slot is gone (round + ring_depth has ended); a reply is lost
+like any message when its replier leaves before uploading it or its pinger is offline.
 
 Because the schedule is known in advance, a message's fate is still decided when it is sent
 (divjax.fates): the engine reads two (N, rounds) tables, which round slots are online and the
@@ -33,6 +36,7 @@ NEVER = 1 << 20   # "no offline round ahead", in rounds: far beyond any ring dep
 class Availability(NamedTuple):
   online: jnp.ndarray      # (N, R) bool: online in round r (rounds beyond R: online)
   next_off: jnp.ndarray    # (N, R) int32: the first offline round > r (NEVER if none)
+  last_on: jnp.ndarray     # (N, R) int32: the last online round <= r (-1 if none): whose snapshot a reply sends
 
 
 def enabled(cfg) -> bool:
@@ -113,7 +117,8 @@ def offline_intervals(cfg, horizon_s: float) -> list[list[tuple[float, float]]]:
 
 
 def tables(cfg, round_ticks: np.ndarray, dt_us: int, n_ticks: int) -> tuple[np.ndarray, np.ndarray]:
-  """(online (N, R) bool, next_off (N, R) int32) for the rounds that start within the run."""
+  """(online (N, R) bool, next_off (N, R) int32) for the rounds that start within the run
+  (last_online gives the third table)."""
   n_rounds = int(n_ticks // int(round_ticks.min())) + 2
   intervals = offline_intervals(cfg, n_rounds * int(round_ticks.max()) * dt_us / 1e6)
   online = np.ones((cfg.n_nodes, n_rounds), bool)
@@ -129,11 +134,17 @@ def tables(cfg, round_ticks: np.ndarray, dt_us: int, n_ticks: int) -> tuple[np.n
   return online, next_off.astype(np.int32)
 
 
+def last_online(online: np.ndarray) -> np.ndarray:
+  """(N, R) int32: the last online round <= r of each node, -1 if none."""
+  r = np.where(online, np.arange(online.shape[1])[None, :], -1)
+  return np.maximum.accumulate(r, axis=1).astype(np.int32)
+
+
 def make(cfg, round_ticks: np.ndarray, dt_us: int, n_ticks: int) -> Optional[Availability]:
   if not enabled(cfg):
     return None
   online, next_off = tables(cfg, round_ticks, dt_us, n_ticks)
-  return Availability(jnp.asarray(online), jnp.asarray(next_off))
+  return Availability(jnp.asarray(online), jnp.asarray(next_off), jnp.asarray(last_online(online)))
 
 
 def online_in(av: Availability, nodes, rounds):
@@ -145,6 +156,12 @@ def online_in(av: Availability, nodes, rounds):
 def next_offline(av: Availability, nodes, rounds):
   r = jnp.minimum(rounds, av.online.shape[1] - 1)
   return jnp.where(rounds < av.online.shape[1], av.next_off[nodes, r], NEVER)
+
+
+def last_online_in(av: Availability, nodes, rounds):
+  """The last online round <= `rounds` (-1: none); rounds past the table are online."""
+  r = jnp.clip(rounds, 0, av.online.shape[1] - 1)
+  return jnp.where(rounds < av.online.shape[1], jnp.where(rounds < 0, -1, av.last_on[nodes, r]), rounds)
 
 
 class Reference:

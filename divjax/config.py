@@ -201,8 +201,8 @@ class ByzantineConfig(_Strict):
 
 
 class ChurnConfig(_Strict):
-  """Nodes going offline and coming back (divjax.churn), for asynchronous algorithms without
-  replies: an exponential on/off process per node (mean_online_s and mean_offline_s, both),
+  """Nodes going offline and coming back (divjax.churn), for asynchronous algorithms: an
+  exponential on/off process per node (mean_online_s and mean_offline_s, both),
   or `trace`, a CSV file of offline intervals `node,start_s,end_s`. A node is offline in a
   round if it is offline when the round starts; it then neither trains, sends nor receives,
   and messages to it or not uploaded when it leaves end as `lost`."""

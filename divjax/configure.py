@@ -101,10 +101,6 @@ def _check_wrappers(cfg: Config) -> None:
       bandwidth.read_trace(cfg.network.bandwidth.trace, cfg.n_nodes)   # refused here, naming the key
   crash = cfg.byzantine.attack == "crash" and cfg.byzantine != default.byzantine
   if (cfg.churn != default.churn or crash) and not algorithms.PROPERTIES[cfg.algorithm].synchronous:
-    if algorithms.make(cfg).replies is not None:
-      key = "churn" if cfg.churn != default.churn else "byzantine.attack: crash"
-      raise ConfigError(f"{key}: not yet for algorithms with replies ({cfg.algorithm!r}); use divshare, swift, "
-                        f"sgp, swift_original or divshare_age")
     if cfg.churn.trace is not None:
       from divjax import churn  # noqa: PLC0415
       churn.read_trace(cfg.churn.trace, cfg.n_nodes)   # bad rows are refused here, naming churn.trace

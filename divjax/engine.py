@@ -353,7 +353,8 @@ def due_copies(st: Static, s: State, p: Params, busy):
     rep, busy, made = replies_lib.make(
         rep, msgs.dst, msgs.fate, msgs.done, msgs.slot_tick, t, busy, lat_us=lk.latency_us,
         round_ticks=st.h * lk.period, service=lambda *a: network_lib.service(lk, *a, block=t // st.h), depth=st.depth,
-        dt_us=st.dt_us, block_us=st.block_us, age_cap=st.age_cap, pairwise=st.pairwise)
+        dt_us=st.dt_us, block_us=st.block_us, age_cap=st.age_cap, pairwise=st.pairwise,
+        availability=p.availability, rounds=s.nodes.rounds)
     fate_table, rep, due, due_rep = replies_lib.newest_only(
         msgs.dst, msgs.fate, msgs.tick, msgs.done, rep, msgs.slot_tick, t, dt_us=st.dt_us,
         age_cap=st.age_cap, pairwise=st.pairwise)

@@ -47,8 +47,10 @@ def at_send(t, completion, arrival, round_ticks, round_ticks_dst, depth: int, dt
   lost = jnp.zeros_like(flushed)
   lost_tick = consume
   if leave_us is not None:
-    # not uploaded when the sender leaves; a flush at that same instant comes first
-    left = (completion > leave_us[:, None]) & ((leave_us < round_us)[:, None] if flush else True)
+    # not uploaded when the sender leaves; a flush at that same instant comes first, and an
+    # expiry (the round end r + D) too
+    left = ((completion > leave_us[:, None]) & (leave_us < depth * round_us)[:, None]
+            & ((leave_us < round_us)[:, None] if flush else True))
     arrive = t + -(-arrival // dt_us)                                      # the tick it arrives in
     # it reaches an offline receiver before its payload expires
     absent = ~flushed & ~left & ~receiver_online(arrive) & (arrive <= expire[:, None])

@@ -223,7 +223,8 @@ class _Sim:
       pong = Message(msg.dst, msg.src, 0, msg.round, msg.send_time, rcv.params.copy(), reply=True)
       self.enqueue(pong, now, None)
       self.nodes[msg.src].sent[msg.round].append(pong)
-    elif msg.ping and rcv.latest is not None:  # reply at once with the latest snapshot
+    elif msg.ping and rcv.latest is not None and rcv.rounds <= rcv.latest_round + self.depth:
+      # reply at once with the latest snapshot, unless its slot is gone (offline rounds, churn)
       pong = Message(msg.dst, msg.src, 0, rcv.latest_round, rcv.latest_time, rcv.latest.copy(), reply=True,
                      versions=rcv.latest_known)
       # its payload slot is the replier's round; the ping's table slot holds its record

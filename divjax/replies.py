@@ -13,7 +13,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from divjax import clock, fates, queue
+from divjax import churn, clock, fates, queue
 from divjax import timebase as tb
 
 
@@ -32,7 +32,7 @@ def empty(n: int, d: int, m: int) -> Replies:
 
 def make(replies: Replies, msg_dst, msg_fate, msg_done, slot_tick, t, busy: tb.Wide, *,
          lat_us, round_ticks, service, depth: int, dt_us: int, block_us: int, age_cap: int,
-         pairwise: bool):
+         pairwise: bool, availability=None, rounds=None):
   """Replies to the pings that reached their receiver during the block of H ticks ending at t.
 
   A reply is enqueued at its ping's arrival instant in the replier's FIFO queue, so the
@@ -43,6 +43,10 @@ def make(replies: Replies, msg_dst, msg_fate, msg_done, slot_tick, t, busy: tb.W
   Args:
     msg_*: the ping tables (N, D, M); slot_tick (N, D); busy (N,) queue idle times, us after
     the end of tick t. Keyword arguments: the run's static structure and link parameters.
+    availability, rounds: churn (divjax.churn) and every node's current round: a lost ping
+    gets no reply, a push-pull reply sends the replier's last online round's snapshot, and a
+    reply is lost if its replier leaves before uploading it or its pinger is offline when it
+    arrives.
 
   Returns:
     (replies, busy, number of replies made).
@@ -54,12 +58,16 @@ def make(replies: Replies, msg_dst, msg_fate, msg_done, slot_tick, t, busy: tb.W
   lat = (lat_us[rows] + lat_us[j]) // 2
   arrive = msg_done + lat - since                                          # us after end of tick t
   round_us = round_ticks * dt_us
-  in_block = (msg_fate != fates.NONE) & (arrive > -block_us) & (arrive <= 0)
+  in_block = (msg_fate != fates.NONE) & (msg_fate != fates.LOST) & (arrive > -block_us) & (arrive <= 0)
   in_block &= (msg_done + lat) <= (depth * round_us)[:, None, None]      # arrived before it expired
   r_j = round_ticks[j]
   finished = clock.rounds_finished_before(t, arrive, r_j, dt_us)
-  live = in_block if pairwise else in_block & (finished >= 1)
   latest = finished - 1
+  if availability is not None:  # the last round it was there to take a snapshot in
+    latest = churn.last_online_in(availability, j, latest)
+  # a snapshot whose ring slot was reused (round latest + D has ended: possible after churn's
+  # offline rounds) is not sent
+  live = in_block if pairwise else in_block & (latest >= 0) & (finished <= latest + depth)
   svc = tb.where(live, service(j, rows, jnp.zeros_like(j)), tb.wide(jnp.zeros_like(j)))
   enqueue = jnp.where(live, arrive, -block_us)
 
@@ -77,10 +85,22 @@ def make(replies: Replies, msg_dst, msg_fate, msg_done, slot_tick, t, busy: tb.W
   if not pairwise:
     expire = jnp.minimum((latest + depth + 1) * r_j - 1, expire)
   fate = jnp.where(consume > expire, fates.EXPIRED, fates.DELIVERED)
+  tick = jnp.where(fate == fates.EXPIRED, expire, consume)
+  if availability is not None:
+    # not uploaded when the replier leaves (at the start of its next offline round)
+    leave = churn.next_offline(availability, j, rounds[j])
+    leave_us = (jnp.minimum(leave * r_j, t + 1 + (depth + 2) * r_j) - (t + 1)) * dt_us
+    # (when its payload expires at that same round end or before, it expired first)
+    left = (done > leave_us) & (t + leave_us // dt_us < expire)
+    # or reaching a pinger that is offline, before its payload expires
+    back_tick = t + -(-back // dt_us)
+    absent = ~left & ~churn.online_in(availability, rows, back_tick // round_ticks[rows]) & (back_tick <= expire)
+    fate = jnp.where(left | absent, fates.LOST, fate)
+    tick = jnp.where(left, t + jnp.maximum(leave_us, 0) // dt_us, jnp.where(absent, back_tick, tick))
   keep = lambda new, old: jnp.where(live, new, old)
   replies = Replies(
       fate=keep(fate, replies.fate),
-      tick=keep(jnp.where(fate == fates.EXPIRED, expire, consume), replies.tick),
+      tick=keep(tick, replies.tick),
       slot=keep(latest % depth, replies.slot),
       done=keep(jnp.minimum(done + since, tb.CAP_US), replies.done),
       made=keep((latest + 1) * r_j - 1, replies.made))
