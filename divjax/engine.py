@@ -376,6 +376,27 @@ def due_copies(st: Static, s: State, p: Params, busy):
   return msgs, rep, busy, made, (pushes,), (pushes,)
 
 
+def wrapper_hooks(st: Static, s: State, p: Params, x_own, acting):
+  """What wrappers change at a round end (algorithms/base.py): the payloads the nodes send
+  (`snapshot`, with the algorithm's state) and what each recipient reads (`received`).
+
+  Returns:
+    (payloads (N, F, L), the algorithm's state, a received function for the Inbox or None).
+  """
+  sent, alg_state = x_own, s.alg
+  real = jnp.arange(st.width)[None, :] < jnp.asarray(st.frags.sizes)[:, None]               # (F, L)
+  if st.alg.snapshot is not None:
+    sent, alg_state = st.alg.snapshot(x_own, real, sampling.stream(p.key, sampling.STREAM_SNAPSHOT),
+                                      s.nodes.rounds, acting, alg_state)
+  received = None
+  if st.alg.received is not None:
+    k_recv = sampling.stream(p.key, sampling.STREAM_RECEIVED)
+    # padding stays 0 whatever a wrapper adds: a copy's norm (clipping rules) reads every entry
+    received = lambda got, src, dst, frag: jnp.where(
+        real[frag], st.alg.received(got, src, dst, frag, s.nodes.rounds[dst], k_recv), 0.0)
+  return sent, alg_state, received
+
+
 def end_rounds(st: Static, s: State, p: Params, ends) -> State:
   """The round-end tick of a block: replies, aggregation, snapshots, new messages. Nodes that
   `ends` a round slot offline (divjax.churn) only retire their oldest table slot."""
@@ -402,17 +423,7 @@ def end_rounds(st: Static, s: State, p: Params, ends) -> State:
                                   lat_us=p.links.latency_us, dt_us=st.dt_us, age_cap=st.age_cap)
   x = x_own if not st.pairwise else fragments_lib.to_layout(params, frags)
   k = s.nodes.rounds % st.depth                                                               # (N,)
-  sent, alg_state = x_own, s.alg
-  real = jnp.arange(st.width)[None, :] < jnp.asarray(st.frags.sizes)[:, None]               # (F, L)
-  if st.alg.snapshot is not None:  # what the nodes send instead of their own model (wrappers)
-    sent, alg_state = st.alg.snapshot(x_own, real, sampling.stream(p.key, sampling.STREAM_SNAPSHOT),
-                                      s.nodes.rounds, acting, alg_state)
-  received = None
-  if st.alg.received is not None:  # a payload per recipient (wrappers)
-    k_recv = sampling.stream(p.key, sampling.STREAM_RECEIVED)
-    # padding stays 0 whatever a wrapper adds: a copy's norm (clipping rules) reads every entry
-    received = lambda got, src, dst, frag: jnp.where(
-        real[frag], st.alg.received(got, src, dst, frag, s.nodes.rounds[dst], k_recv), 0.0)
+  sent, alg_state, received = wrapper_hooks(st, s, p, x_own, acting)
   mixed, alg_state = st.alg.aggregate(x, ring_lib.Inbox(s.ring, copies, acting, k, received), alg_state)
   params = jnp.where(acting[:, None], fragments_lib.from_layout(mixed, frags), params)
   vers = s.versions
