@@ -153,19 +153,30 @@ def _check_config(where: str, was: dict, now: dict) -> None:
 
 # orbax reports a failed write or read twice more besides the exception it raises: ERROR logs
 # with tracebacks from its writer threads, and "Event loop is closed" tracebacks of tensorstore
-# callbacks that arrive after its event loop has ended, some of them after the call returned.
-# The exception says it all (the caller reports it), so from the first orbax call on both are
+# callbacks that arrive after its event loop has ended, some of them after the call returned,
+# and, when two concurrent writes fail, asyncio's "Task exception was never retrieved".
+# The exception says it all (the caller reports it), so from the first orbax call on these are
 # dropped, and only those: a full disk reads as one line.
 class _DropOrbaxErrors(logging.Filter):
   def filter(self, record):
     return not (record.levelno >= logging.ERROR and "orbax" in (record.pathname or ""))
 
 
+class _DropOrbaxTaskErrors(logging.Filter):
+  """asyncio's "Task exception was never retrieved" for one of orbax's writer tasks: when two
+  concurrent writes fail, the second task's exception is reported by asyncio (timing decides)."""
+  def filter(self, record):
+    return not (record.levelno >= logging.ERROR and "orbax" in record.getMessage())
+
+
 def _quiet_orbax() -> None:
-  """Installs the two filters once per process (idempotent)."""
+  """Installs the filters once per process (idempotent)."""
   absl = logging.getLogger("absl")
   if not any(isinstance(f, _DropOrbaxErrors) for f in absl.filters):
     absl.addFilter(_DropOrbaxErrors())
+  loop_log = logging.getLogger("asyncio")
+  if not any(isinstance(f, _DropOrbaxTaskErrors) for f in loop_log.filters):
+    loop_log.addFilter(_DropOrbaxTaskErrors())
   previous = sys.unraisablehook
   if getattr(previous, "_drops_closed_loop", False):
     return
