@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from divjax import sampling
+from divjax import network, sampling
 from divjax.algorithms.base import AsyncAlgorithm
 
 ATTACKS = ("sign_flip", "gaussian", "alie", "ipm")   # and "crash": offline for good (divjax.churn)
@@ -34,12 +34,7 @@ DEFAULT_SCALE = {"sign_flip": 1.0, "gaussian": 1.0, "ipm": 0.1, "alie": None}
 
 def ids(cfg) -> np.ndarray:
   """The Byzantine nodes: explicit ids, or round(fraction * n) drawn from the data seed."""
-  b = cfg.byzantine
-  if b.nodes is not None:
-    return np.array(sorted(set(b.nodes)), dtype=np.int64)
-  k = int(round(b.fraction * cfg.n_nodes))
-  rng = np.random.default_rng([cfg.data_seed, 0xB42])  # own stream: independent of the stragglers'
-  return np.sort(rng.permutation(cfg.n_nodes)[:k]).astype(np.int64)
+  return network.choose_nodes(cfg, cfg.byzantine.fraction, cfg.byzantine.nodes, 0xB42)
 
 
 def mask(cfg) -> np.ndarray:

@@ -69,14 +69,20 @@ class Network(NamedTuple):
   block_ticks: int = 1      # ticks per block of the tables (H)
 
 
+def choose_nodes(cfg: Config, fraction: float, nodes, stream: int) -> np.ndarray:
+  """Sorted node ids: explicit `nodes`, or round(fraction * n) drawn from the data seed on
+  the host stream `stream` (its own, so that choices do not depend on each other)."""
+  if nodes is not None:
+    return np.array(sorted(set(nodes)), dtype=np.int64)
+  k = int(round(fraction * cfg.n_nodes))
+  rng = np.random.default_rng([cfg.data_seed, stream])
+  return np.sort(rng.permutation(cfg.n_nodes)[:k]).astype(np.int64)
+
+
 def straggler_ids(cfg: Config) -> np.ndarray:
   """Deterministic straggler choice: explicit ids, or round(fraction * n) drawn from the seed."""
   s = cfg.network.stragglers
-  if s.nodes is not None:
-    return np.array(sorted(set(s.nodes)), dtype=np.int64)
-  k = int(round(s.fraction * cfg.n_nodes))
-  rng = np.random.default_rng([cfg.data_seed, 0x5747])  # own stream: independent of the data split
-  return np.sort(rng.permutation(cfg.n_nodes)[:k]).astype(np.int64)
+  return choose_nodes(cfg, s.fraction, s.nodes, 0x5747)
 
 
 def build(cfg: Config) -> Network:
