@@ -23,6 +23,12 @@ def round_ends(t, period, h: int):
   return steps_now(t, period) & (((t + 1) // period) % h == 0)
 
 
+def arrival_tick(t, arrival_us, dt_us: int):
+  """The tick during which something arrives `arrival_us` after the end of tick t (an arrival
+  exactly at a tick's end belongs to that tick)."""
+  return t + -(-arrival_us // dt_us)
+
+
 def consume_tick(t, arrival_us, round_ticks_dst, dt_us: int):
   """Tick of the receiver's first round end at or after an arrival.
 
@@ -30,7 +36,7 @@ def consume_tick(t, arrival_us, round_ticks_dst, dt_us: int):
   at the end of the tick during which it arrives, and is averaged at the first round end
   (a tick (k + 1) * R - 1) from then on.
   """
-  u = t + -(-arrival_us // dt_us)          # the tick during which it arrives
+  u = arrival_tick(t, arrival_us, dt_us)
   return (-(-(u + 1) // round_ticks_dst)) * round_ticks_dst - 1
 
 

@@ -51,7 +51,7 @@ def at_send(t, completion, arrival, round_ticks, round_ticks_dst, depth: int, dt
     # expiry (the round end r + D) too
     left = ((completion > leave_us[:, None]) & (leave_us < depth * round_us)[:, None]
             & ((leave_us < round_us)[:, None] if flush else True))
-    arrive = t + -(-arrival // dt_us)                                      # the tick it arrives in
+    arrive = clock.arrival_tick(t, arrival, dt_us)
     # it reaches an offline receiver before its payload expires
     absent = ~flushed & ~left & ~receiver_online(arrive) & (arrive <= expire[:, None])
     flushed, lost = flushed & ~left, left | absent

@@ -93,7 +93,7 @@ def make(replies: Replies, msg_dst, msg_fate, msg_done, slot_tick, t, busy: tb.W
     # (when its payload expires at that same round end or before, it expired first)
     left = (done > leave_us) & (t + leave_us // dt_us < expire)
     # or reaching a pinger that is offline, before its payload expires
-    back_tick = t + -(-back // dt_us)
+    back_tick = clock.arrival_tick(t, back, dt_us)
     absent = ~left & ~churn.online_in(availability, rows, back_tick // round_ticks[rows]) & (back_tick <= expire)
     fate = jnp.where(left | absent, fates.LOST, fate)
     tick = jnp.where(left, t + jnp.maximum(leave_us, 0) // dt_us, jnp.where(absent, back_tick, tick))
