@@ -44,32 +44,35 @@ cat "$OUT/device.json" >&2
 
 if [[ -n "$TINY" ]]; then
   LIMIT=0.5; START=16; MLP_N="16 32"; GN_N="16"; STEPS=2048; LR="0.01 0.02"; SEEDS=2
-  GN_LIMIT=600; GN_STEPS=64   # two GN-LeNet compiles on a CPU take minutes
+  GN_LIMIT=600; GN_STEPS=64; GN_FAST_N="16"; FAST_LIMIT=600; LARGE_LIMIT=120   # two GN-LeNet compiles on a CPU take minutes
 else
   LIMIT=$($PY -c "import jax; b = (jax.devices()[0].memory_stats() or {}).get('bytes_limit'); print(round(0.9 * b / 1e9, 1) if b else 20)")
   START=16384; MLP_N="1024 4096 16384 65536"; GN_N="64 256 1024"; STEPS=$((1 << 22))
-  LR="0.005 0.01 0.02 0.03 0.05 0.07 0.1 0.2"; SEEDS=8; GN_LIMIT=90; GN_STEPS=8192
+  LR="0.005 0.01 0.02 0.03 0.05 0.07 0.1 0.2"; SEEDS=8; GN_LIMIT=80; GN_STEPS=8192
+  # the per-node convolutions are a CPU path: on an H200 N = 64 alone took most of 90 s
+  GN_FAST_N="64"; FAST_LIMIT=45; LARGE_LIMIT=200   # 524,288 MLP nodes: 169 s on an H200 (2026-12-04)
 fi
 
-step largest_mlp 120 $PY benchmarks/largest.py --model mlp --limit-gb "$LIMIT" --start "$START" $TINY \
+step largest_mlp "$LARGE_LIMIT" $PY benchmarks/largest.py --model mlp --limit-gb "$LIMIT" --start "$START" $TINY \
   --json "$OUT/largest_mlp.json"
 
 for impl in vmap fast; do
   if [[ -n "$TINY" && "$impl" == vmap ]]; then  # one grouped convolution: many minutes on a CPU
     echo "{\"skipped\": \"--tiny: model_impl=vmap is for accelerators\"}" > "$OUT/gnlenet_$impl.json"
   elif [[ -f "$DATA_DIR/cifar10.npz" ]]; then
-    step "gnlenet_$impl" "$GN_LIMIT" $PY benchmarks/scale.py --model gnlenet --nodes $GN_N --node-steps "$GN_STEPS" \
+    if [[ "$impl" == vmap ]]; then nodes=$GN_N; limit=$GN_LIMIT; else nodes=$GN_FAST_N; limit=$FAST_LIMIT; fi
+    step "gnlenet_$impl" "$limit" $PY benchmarks/scale.py --model gnlenet --nodes $nodes --node-steps "$GN_STEPS" \
       --data-dir "$DATA_DIR" --set "model_impl=$impl" $TINY --json "$OUT/gnlenet_$impl.json"
   else
     echo "{\"skipped\": \"no $DATA_DIR/cifar10.npz\"}" > "$OUT/gnlenet_$impl.json"
   fi
 done
 
-step overhead_mlp 90 $PY benchmarks/scale.py --model mlp --nodes $MLP_N --node-steps "$STEPS" $TINY \
+step overhead_mlp 80 $PY benchmarks/scale.py --model mlp --nodes $MLP_N --node-steps "$STEPS" $TINY \
   --json "$OUT/overhead_mlp.json"
 
 SEEDLIST=$(seq -s, 0 $((SEEDS - 1)))
-step sweep64 80 $PY benchmarks/sweep_wall.py --out "$OUT/sweep" --json "$OUT/sweep64.json" -- \
+step sweep64 70 $PY benchmarks/sweep_wall.py --out "$OUT/sweep" --json "$OUT/sweep64.json" -- \
   configs/quickstart.yaml --grid "lr=${LR// /,}" --grid "seed=$SEEDLIST" \
   ${TINY:+--set n_nodes=8 duration_s=2 eval_every_s=1}
 echo "results in $OUT" >&2
