@@ -510,6 +510,71 @@ def cmd_sweep(args) -> int:
     return EXIT_OK
 
 
+def cmd_reproduce(args) -> int:
+  """`divjax reproduce divshare-paper`: the paper's evaluation as sweeps, then the report."""
+  from divjax import config as config_lib, report, reproduce
+  with contextlib.ExitStack() as hold:
+    stop = hold.enter_context(_StopOnSignal())
+    data_dir = args.data_dir
+    if data_dir is None and Path("../shared/data").is_dir():
+      data_dir = "../shared/data"
+    try:
+      parts = reproduce.plan(args.scale, args.seeds, args.only, data_dir, args.networks)
+      out = Path(args.out or f"runs/{reproduce.PAPER}-{args.scale}")
+      seeds = args.seeds or reproduce.SEEDS[args.scale]
+      spec = {"experiment": args.experiment, "scale": args.scale, "seeds": seeds, "data_dir": data_dir}
+      reproduce.check_spec(out, spec)
+      out.mkdir(parents=True, exist_ok=True)
+      hold.enter_context(rundir.claim(out))
+    except config_lib.ConfigError as e:
+      print(f"config error: {e}", file=sys.stderr)
+      return EXIT_BAD_INPUT
+    except (OSError, rundir.RunDirError) as e:
+      print(e, file=sys.stderr)
+      return EXIT_BAD_INPUT
+    from divjax import sharding
+    first = next(iter(parts.values()))[0].cfg
+    sharding.request_cpu_devices(first.devices, first.n_nodes)
+    compilation_cache(args.no_cache)
+    import jax
+    command = "divjax reproduce " + args.experiment + f" --scale {args.scale} --seeds {seeds} --out {out}" + \
+        (f" --only {' '.join(args.only)}" if args.only else "") + \
+        (f" --networks {' '.join(args.networks)}" if args.networks else "") + (f" --data-dir {data_dir}" if data_dir else "")
+    old = json.loads((out / "reproduce.json").read_text()) if (out / "reproduce.json").is_file() else {}
+    devices = sorted(set(old.get("devices", [])) | {f"{jax.devices()[0].device_kind} ({jax.default_backend()})"})
+    _write_atomic(out / "reproduce.json", json.dumps({**spec, "command": command, "devices": devices,
+                                                      "device": ", ".join(devices)}, indent=2))
+    try:
+      infos = reproduce.run(parts, out, progress=not args.quiet, should_stop=stop.requested,
+                            say=lambda m: print(m, file=sys.stderr))
+    except (config_lib.ConfigError, ValueError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      return EXIT_BAD_INPUT
+    path = report.write(out)
+    done = sum(i["completed"] for i in infos.values())
+    total = sum(len(p) for p in parts.values())
+    print(f"reproduce {out}: {done} of {total} point(s) finished; report: {path}")
+    if stop.requested():
+      print(f"continue with the same command: {command}", file=sys.stderr)
+      return 128 + int(stop.signum)
+    return EXIT_OK
+
+
+def cmd_report(args) -> int:
+  """`divjax report DIR`: rewrites DIR/report/ from the finished points."""
+  from divjax import report
+  out = Path(args.dir)
+  if not out.is_dir():
+    print(f"error: report: {out} is not a directory", file=sys.stderr)
+    return EXIT_BAD_INPUT
+  if not any(out.glob("*/points/*/summary.json")):
+    print(f"error: report: no finished points under {out} (expected {out}/<part>/points/*/summary.json, "
+          f"as `divjax reproduce divshare-paper --out {out}` writes them)", file=sys.stderr)
+    return EXIT_BAD_INPUT
+  print(f"report: {report.write(out)}")
+  return EXIT_OK
+
+
 def cmd_theory(args) -> int:
   """`divjax theory contraction|staleness`: theory in numbers (divjax.theory, divjax.staleness)."""
   from divjax import config as config_lib, configure, staleness, theory
@@ -686,8 +751,33 @@ def _main(argv) -> int:
   k.add_argument("config", nargs="?", help="YAML config file (defaults if omitted)")
   k.add_argument("--set", nargs="+", action="extend", metavar="KEY=VALUE", help="dotted overrides")
   k.set_defaults(func=cmd_constants)
+  r = sub.add_parser("reproduce", help="the DivShare paper's evaluation as sweeps, with a report",
+                     description=_reproduce_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
+  r.add_argument("experiment", choices=["divshare-paper"])
+  r.add_argument("--scale", choices=["small", "full", "tiny"], default="small",
+                 help="full: the paper's set-up (60 nodes, 800 simulated s); small: shrunk for 2 CPU cores "
+                      "(about 30 minutes); tiny: a smoke test of the pipeline (default small)")
+  r.add_argument("--seeds", type=int, help="seeds of the main grid (default 3 full, 2 small, 1 tiny)")
+  r.add_argument("--only", nargs="+", metavar="PART", help="only these parts: cifar10 movielens omega j calibration")
+  r.add_argument("--networks", nargs="+", metavar="NET", help="only these network settings in the cifar10 and "
+                                                               "movielens parts: none stragglers diablo")
+  r.add_argument("--out", help="output directory, continued if it exists (default runs/divshare-paper-<scale>)")
+  r.add_argument("--data-dir", help="where cifar10.npz and the MovieLens files are (default ../shared/data "
+                                    "if it exists, else tensorflow-datasets)")
+  r.add_argument("--quiet", action="store_true", help="no progress bar")
+  r.add_argument("--no-cache", action="store_true", help="do not use JAX's persistent compilation cache")
+  r.set_defaults(func=cmd_reproduce)
+  rp = sub.add_parser("report", help="rewrite a reproduction's report from its finished points",
+                      description="Rewrite DIR/report/ (tables, figures, report.md) from DIR's finished points.")
+  rp.add_argument("dir", metavar="DIR")
+  rp.set_defaults(func=cmd_report)
   args = parser.parse_args(argv)
   return args.func(args)
+
+
+def _reproduce_doc() -> str:
+  from divjax import reproduce
+  return reproduce.__doc__
 
 
 def theory_doc() -> str:
