@@ -533,7 +533,8 @@ def cmd_reproduce(args) -> int:
       print(e, file=sys.stderr)
       return EXIT_BAD_INPUT
     from divjax import sharding
-    first = next(iter(parts.values()))[0].cfg
+    cfgs = [p.cfg for points in parts.values() for p in points]   # host devices: asked for once, before JAX starts
+    first = next((c for c in cfgs if c.devices == "auto"), cfgs[0])
     sharding.request_cpu_devices(first.devices, first.n_nodes)
     compilation_cache(args.no_cache)
     import jax
