@@ -341,7 +341,7 @@ def figures(runs: list[dict], out: Path) -> list[str]:
       ax.set_ylabel(ylabel)
       _legend(ax)
     a.set_title("(a) accuracy after convergence")
-    b.set_title("(b) time to target; ∞: not reached in the budget")
+    b.set_title("(b) time to target; ∞: a seed did not reach it in the budget")
     save(fig, "fig5_cifar10.png")
   ablations = [(p, k, lbl) for p, k, lbl in (("omega", "fragments", "Omega"), ("j", "recipients", "J"))
                if any(r["part"] == p for r in runs)]
