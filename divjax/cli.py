@@ -757,7 +757,7 @@ def _main(argv) -> int:
   r.add_argument("experiment", choices=["divshare-paper"])
   r.add_argument("--scale", choices=["small", "full", "tiny"], default="small",
                  help="full: the paper's set-up (60 nodes, 800 simulated s); small: shrunk for 2 CPU cores "
-                      "(about 30 minutes); tiny: a smoke test of the pipeline (default small)")
+                      "(about 50 minutes); tiny: a smoke test of the pipeline (default small)")
   r.add_argument("--seeds", type=int, help="seeds of the main grid (default 3 full, 2 small, 1 tiny)")
   r.add_argument("--only", nargs="+", metavar="PART", help="only these parts: cifar10 movielens omega j calibration")
   r.add_argument("--networks", nargs="+", metavar="NET", help="only these network settings in the cifar10 and "
