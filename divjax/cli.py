@@ -63,6 +63,13 @@ class BadInput(Exception):
   """Refused before anything is compiled or written (exit code 2)."""
 
 
+def _refused(e: Exception) -> int:
+  """Reports bad input (a config error, a bad option, an unusable directory) in one line: exit 2."""
+  from divjax.config import ConfigError
+  print(f"config error: {e}" if isinstance(e, ConfigError) else e, file=sys.stderr)
+  return EXIT_BAD_INPUT
+
+
 def _timestamp() -> str:
   return f"{datetime.datetime.now():%Y%m%d-%H%M%S}"
 
@@ -469,12 +476,8 @@ def cmd_sweep(args) -> int:
         out, unique = _out_dir(args, args.config, prefix="sweep_", extra=grids)
         if not unique:
           rundir.check_target(out, args.force)
-    except config_lib.ConfigError as e:
-      print(f"config error: {e}", file=sys.stderr)
-      return EXIT_BAD_INPUT
-    except (BadInput, rundir.RunDirError) as e:
-      print(e, file=sys.stderr)
-      return EXIT_BAD_INPUT
+    except (config_lib.ConfigError, BadInput, rundir.RunDirError) as e:
+      return _refused(e)
     from divjax import sharding
     sharding.request_cpu_devices(pts[0].cfg.devices, pts[0].cfg.n_nodes)
     compilation_cache(args.no_cache)
@@ -526,12 +529,8 @@ def cmd_reproduce(args) -> int:
       reproduce.check_spec(out, spec)
       out.mkdir(parents=True, exist_ok=True)
       hold.enter_context(rundir.claim(out))
-    except config_lib.ConfigError as e:
-      print(f"config error: {e}", file=sys.stderr)
-      return EXIT_BAD_INPUT
-    except (OSError, rundir.RunDirError) as e:
-      print(e, file=sys.stderr)
-      return EXIT_BAD_INPUT
+    except (config_lib.ConfigError, OSError, rundir.RunDirError) as e:
+      return _refused(e)
     from divjax import sharding
     cfgs = [p.cfg for points in parts.values() for p in points]   # host devices: asked for once, before JAX starts
     first = next((c for c in cfgs if c.devices == "auto"), cfgs[0])
@@ -591,12 +590,8 @@ def cmd_theory(args) -> int:
     out, unique = _out_dir(args, args.config, prefix=f"{name}_")
     if not unique:
       rundir.check_target(out, args.force)
-  except config_lib.ConfigError as e:
-    print(f"config error: {e}", file=sys.stderr)
-    return EXIT_BAD_INPUT
-  except (BadInput, rundir.RunDirError) as e:
-    print(e, file=sys.stderr)
-    return EXIT_BAD_INPUT
+  except (config_lib.ConfigError, BadInput, rundir.RunDirError) as e:
+    return _refused(e)
   compilation_cache(args.no_cache)
   try:
     if name == "contraction":

@@ -240,28 +240,31 @@ def ablation_table(runs: list[dict], out: Path, part: str, key: str, label: str)
                                   "messages delivered / sent"], rows)
 
 
-def calibration_rows(runs: list[dict]) -> list[list]:
+def calibration_settings(runs: list[dict]) -> list[tuple]:
+  """(slowdown, compute factor, DivShare runs, AD-PSGD runs) per calibration setting, the
+  configs' own (5x, x1) first: it is the main grid's stragglers point."""
   cal = [r for r in runs if r["part"] == "calibration"]
   ref = [r for r in main_grid(runs, "cifar10") if r["network"] == "stragglers" and r["algorithm"] in ("divshare", "adpsgd")]
   if not cal:
     return []
   # the configs' compute time: the main grid's, which the slowdown points keep
   base_compute = (ref or [r for r in cal if r["slowdown"] != 5] or cal)[0]["compute"]
-  rows = []
-  for r in ref + cal:
-    r["compute_factor"] = round(r["compute"] / base_compute, 3)
-  settings = sorted({(r["slowdown"], r["compute_factor"]) for r in ref + cal if r["seed"] == 0},
-                    key=lambda s: (s[1] != 1, s))
-  for slow, factor in settings:
-    d = select(ref + cal, algorithm="divshare", slowdown=slow, compute_factor=factor)
-    a = select(ref + cal, algorithm="adpsgd", slowdown=slow, compute_factor=factor)
-    rows.append([f"{slow:g}x", f"x{factor:g}", fmt(stats([ttt(r) for r in d]), 1), fmt(stats([ttt(r) for r in a]), 1),
-                 fmt_speedup(paired(d, a, speedup)), fmt(stats([delivered(r) for r in d]))])
-  return rows
+  factor = {id(r): round(r["compute"] / base_compute, 3) for r in ref + cal}
+  settings = sorted({(r["slowdown"], factor[id(r)]) for r in ref + cal if r["seed"] == 0}, key=lambda s: (s[1] != 1, s))
+  pick = lambda alg, slow, f: [r for r in select(ref + cal, algorithm=alg, slowdown=slow) if factor[id(r)] == f]
+  return [(slow, f, pick("divshare", slow, f), pick("adpsgd", slow, f)) for slow, f in settings]
+
+
+def mean_speedup(xs: list[float]) -> float:
+  """The mean of the speed-ups DivShare reached (bounds as their value), nan if none."""
+  xs = [abs(x) for x in xs if not math.isnan(x)]
+  return float(np.mean(xs)) if xs else math.nan
 
 
 def calibration_table(runs: list[dict], out: Path) -> str:
-  rows = calibration_rows(runs)
+  rows = [[f"{slow:g}x", f"x{f:g}", fmt(stats([ttt(r) for r in d]), 1), fmt(stats([ttt(r) for r in a]), 1),
+           fmt_speedup(paired(d, a, speedup)), fmt(stats([delivered(r) for r in d]))]
+          for slow, f, d, a in calibration_settings(runs)]
   if not rows:
     return ""
   return write_table(out / "calibration", ["straggler slowdown", "compute per step", "DivShare time to target (s)",
@@ -354,15 +357,15 @@ def figures(runs: list[dict], out: Path) -> list[str]:
       ax.set(title=f"DivShare, CIFAR-10, stragglers: {label}", xlabel="simulated time (s)", ylabel="mean test accuracy")
       _legend(ax)
     save(fig, "fig_ablations.png")
-  cal = calibration_rows(runs)
+  cal = calibration_settings(runs)
   if cal:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
     for ax, axis, xlabel in ((axes[0], 0, "straggler slowdown (x)"), (axes[1], 1, "compute time per step (x)")):
-      keep = [r for r in cal if (r[1] == "x1" if axis == 0 else r[0] == "5x")]
-      xs = [float(r[axis].strip("x")) for r in keep]
-      ys = [_leading_number(r[4]) for r in keep]
+      keep = [c for c in cal if (c[1] == 1 if axis == 0 else c[0] == 5)]   # one knob moved at a time
+      xs = np.array([c[axis] for c in keep], float)
+      ys = np.array([mean_speedup(paired(c[2], c[3], speedup)) for c in keep])
       order = np.argsort(xs)
-      ax.plot(np.array(xs)[order], np.array(ys, float)[order], "o-")
+      ax.plot(xs[order], ys[order], "o-")
       ax.set(xlabel=xlabel, ylabel="AD-PSGD / DivShare time to target")
     save(fig, "fig_calibration.png")
   return made
@@ -371,13 +374,6 @@ def figures(runs: list[dict], out: Path) -> list[str]:
 def _legend(ax) -> None:
   if ax.get_legend_handles_labels()[0]:   # a panel whose points have not run yet has none
     ax.legend(fontsize=8)
-
-
-def _leading_number(text: str) -> float:
-  try:
-    return float(text.lstrip("> ").split()[0].rstrip("x"))
-  except (ValueError, IndexError):
-    return math.nan
 
 
 # ------------------------------------------------------------------------------- the report
