@@ -226,6 +226,7 @@ def _manager(directory: Path, writer: bool = True, keep: Optional[int] = 2):
 _ADDED = {
     "fresh_x": lambda shape, dtype: np.zeros(shape, dtype),
     "fresh_slot": lambda shape, dtype: np.full(shape, -1, dtype),
+    "overflow": lambda shape, dtype: np.zeros(shape, dtype),   # synchronous runs' robust inbox
 }
 
 # Arrays that grew: the fate counts gained OVERFLOW (divjax.inbox), zero in an older checkpoint.

@@ -78,37 +78,55 @@ def resolve(cfg: Config) -> Config:
 
 
 def _check_wrappers(cfg: Config) -> None:
-  """The byzantine, aggregation and compression sections wrap an asynchronous algorithm
-  (divjax.byzantine, divjax.robust, divjax.compression); a robust rule and compression replace
-  a uniform mean over received copies."""
+  """The byzantine, aggregation and compression sections wrap any algorithm's messages
+  (divjax.byzantine, divjax.robust, divjax.compression; divjax.sync_wrap for the synchronous
+  ones); on an asynchronous algorithm a robust rule and compression replace a uniform mean.
+  Churn and time-varying bandwidth are for the asynchronous engine."""
   default = Config()
-  for key in ("byzantine", "aggregation", "compression", "churn"):
-    section = getattr(cfg, key)
-    if algorithms.PROPERTIES[cfg.algorithm].synchronous and section != getattr(default, key):
-      changed = [k for k in type(section).model_fields if getattr(section, k) != getattr(getattr(default, key), k)]
-      raise ConfigError(f"{key}.{changed[0]}: wraps the asynchronous engine's messages; algorithm "
-                        f"{cfg.algorithm!r} is synchronous: leave the {key} section out")
+  sync = algorithms.PROPERTIES[cfg.algorithm].synchronous
+  if sync:
+    _check_sync_wrappers(cfg, default)
   if cfg.byzantine.per_recipient and cfg.algorithm in ("swift_original", "adpsgd_pairwise"):
     # they read stored copies or exchange whole models, not payloads through the inbox
     raise ConfigError(f"byzantine.per_recipient: algorithm {cfg.algorithm!r} does not read payloads through "
                       f"the inbox; use divshare, swift, adpsgd, sgp or divshare_age")
-  if cfg.network.bandwidth != default.network.bandwidth:
-    if algorithms.PROPERTIES[cfg.algorithm].synchronous:
-      raise ConfigError(f"network.bandwidth: time-varying rates are for the asynchronous engine; algorithm "
-                        f"{cfg.algorithm!r} is synchronous: leave the section out")
-    if cfg.network.bandwidth.trace is not None:
-      from divjax import bandwidth  # noqa: PLC0415
-      bandwidth.read_trace(cfg.network.bandwidth.trace, cfg.n_nodes)   # refused here, naming the key
+  if cfg.network.bandwidth != default.network.bandwidth and cfg.network.bandwidth.trace is not None:
+    from divjax import bandwidth  # noqa: PLC0415
+    bandwidth.read_trace(cfg.network.bandwidth.trace, cfg.n_nodes)   # refused here, naming the key
   crash = cfg.byzantine.attack == "crash" and cfg.byzantine != default.byzantine
-  if (cfg.churn != default.churn or crash) and not algorithms.PROPERTIES[cfg.algorithm].synchronous:
-    if cfg.churn.trace is not None:
-      from divjax import churn  # noqa: PLC0415
-      churn.read_trace(cfg.churn.trace, cfg.n_nodes)   # bad rows are refused here, naming churn.trace
-  if cfg.aggregation != default.aggregation or cfg.compression.kind != "none":
+  if (cfg.churn != default.churn or crash) and cfg.churn.trace is not None:
+    from divjax import churn  # noqa: PLC0415
+    churn.read_trace(cfg.churn.trace, cfg.n_nodes)   # bad rows are refused here, naming churn.trace
+  if not sync and (cfg.aggregation != default.aggregation or cfg.compression.kind != "none"):
     try:
       algorithms.make(cfg).check()
     except ValueError as e:
       raise ConfigError(str(e)) from None
+
+
+def _check_sync_wrappers(cfg: Config, default: Config) -> None:
+  """What a synchronous round (divjax.sync_wrap) cannot express, refused naming the key."""
+  a = cfg.algorithm
+  for key in ("churn",):
+    section = getattr(cfg, key)
+    if section != getattr(default, key):
+      changed = [k for k in type(section).model_fields if getattr(section, k) != getattr(getattr(default, key), k)]
+      raise ConfigError(f"{key}.{changed[0]}: nodes going offline are simulated by the asynchronous engine; "
+                        f"algorithm {a!r} is synchronous: leave the {key} section out")
+  if cfg.network.bandwidth != default.network.bandwidth:
+    raise ConfigError(f"network.bandwidth: time-varying rates are for the asynchronous engine; algorithm "
+                      f"{a!r} is synchronous: leave the section out")
+  if cfg.byzantine != default.byzantine and cfg.byzantine.attack == "crash":
+    raise ConfigError(f"byzantine.attack: a crash takes nodes offline (churn), which the asynchronous "
+                      f"engine simulates; algorithm {a!r} is synchronous: use sign_flip, gaussian, alie or ipm")
+  if cfg.byzantine.per_recipient:
+    raise ConfigError(f"byzantine.per_recipient: algorithm {a!r} is synchronous and sends one payload per "
+                      f"round to all its receivers: leave it false")
+  if cfg.aggregation.inbox is not None and (cfg.aggregation.rule == "mean" or algorithms.PROPERTIES[a].uses_server):
+    raise ConfigError(f"aggregation.inbox: bounds the copies a robust rule reads; algorithm {a!r} "
+                      + ("has a server that reads every upload" if algorithms.PROPERTIES[a].uses_server else
+                         "mixes every copy with its weights: set aggregation.rule too")
+                      + f": leave it out (got {cfg.aggregation.inbox})")
 
 
 def _refuse_ignored(cfg: Config) -> None:

@@ -28,7 +28,7 @@ from divjax import churn
 from divjax import fragments as fragments_lib
 from divjax import inbox as inbox_lib
 from divjax import network as network_lib
-from divjax import sampling
+from divjax import sampling, sync_wrap
 from divjax.algorithms.base import AsyncAlgorithm, Received
 from divjax.config import Config
 
@@ -376,14 +376,25 @@ def simulate_sync(cfg: Config, task, protocol, n_ticks: int, run_key: Optional[j
   run_key = jax.random.key(cfg.seed) if run_key is None else run_key
   k_batch = sampling.stream(run_key, sampling.STREAM_BATCH)
   k_mix = sampling.stream(run_key, sampling.STREAM_PLAN)
-  bits = 32 * task.n_params + cfg.network.header_bits
+  k_send = sampling.stream(run_key, sampling.STREAM_SNAPSHOT)
+  wrap = sync_wrap.make(cfg, task.n_params, protocol)   # byzantine, compression, robust rules
+  bits = wrap.payload_bits + cfg.network.header_bits    # what a node uploads
+  dense_bits = 32 * task.n_params + cfg.network.header_bits
   grad_fn = jax.jit(jax.grad(lambda p, x, y: task.loss_stacked(p[None], x[None], y[None])[0]))
   batch_fn = jax.jit(lambda i, k: sampling.batch_indices(k_batch, i, k, task.parts, task.counts,
                                                          cfg.batch_size))
   x_train, y_train = np.asarray(task.x_train), np.asarray(task.y_train)
   params = np.array(task.initial_models(run_key, n, cfg.init.spread), np.float32)
   velocity = np.zeros_like(params)
-  steps, rounds, now, sent = np.zeros(n, np.int64), 0, 0, 0
+  steps, rounds, now, sent, overflow = np.zeros(n, np.int64), 0, 0, 0, 0
+  wstate = [wrap.reference_init(params[i]) for i in range(n)]
+
+  def upload(i):
+    """What node i sends this round (params hold every node's post-training model)."""
+    if wrap.reference_send is None:
+      return params[i].copy()
+    payload, wstate[i] = wrap.reference_send(i, params, k_send, rounds, wstate[i])
+    return payload
 
   def train(i):
     for _ in range(h):
@@ -397,7 +408,7 @@ def simulate_sync(cfg: Config, task, protocol, n_ticks: int, run_key: Optional[j
     cohort = np.asarray(protocol.cohort(k_mix, rounds)).tolist()
     srv = cfg.server
     lat = {i: (int(round(srv.latency_ms * 1e3)) + int(net.latency_us[i])) // 2 for i in cohort}
-    down = network_lib.one_service_us(bits, srv.upload_mbps * 1e6)
+    down = network_lib.one_service_us(dense_bits, srv.upload_mbps * 1e6)
     into_server = network_lib.one_service_us(bits, srv.download_mbps * 1e6)
     t, alone = 0, {}
     for i in cohort:                      # the server sends the model to one client after another
@@ -409,14 +420,13 @@ def simulate_sync(cfg: Config, task, protocol, n_ticks: int, run_key: Optional[j
       busy = max(busy + into_server, alone[i])
     if now + busy > horizon:
       break
+    start = params[cohort].copy()
     for i in cohort:
       train(i)
+    uploads = np.stack([upload(i) for i in cohort])
     sizes = np.asarray(task.counts, np.float32)[cohort]
     weights = sizes / sizes.sum()
-    global_ = np.zeros_like(params[0])
-    for wk, i in zip(weights, cohort):
-      global_ += np.float32(wk) * params[i]
-    params[:] = global_
+    params[:] = sync_wrap.reference_server(wrap, start, uploads, weights)
     sent += 2 * len(cohort)
     rounds += 1
     now += busy
@@ -432,17 +442,18 @@ def simulate_sync(cfg: Config, task, protocol, n_ticks: int, run_key: Optional[j
       finish = max(finish, busy[s] + (int(net.latency_us[s]) + int(net.latency_us[d])) // 2)
     if now + finish > horizon:
       break
+    start = params.copy()
     for i in range(n):
       train(i)
-    mixed = self_w[:, None].astype(np.float32) * params
-    for s, d, we in zip(src.tolist(), dst.tolist(), w.tolist()):
-      mixed[d] += np.float32(we) * params[s]
-      sent += we > 0
-    params = mixed.astype(np.float32)
+    payload = np.stack([upload(i) for i in range(n)])
+    params, over = sync_wrap.reference_gossip(wrap, start, params, payload, src, dst, w, self_w, run_key, rounds)
+    sent += int(np.sum(w > 0))
+    overflow += over
     rounds += 1
     now += finish
 
-  out = {"msgs_sent": int(sent), "msgs_delivered": int(sent), "msgs_superseded": 0, "msgs_overflow": 0, "msgs_lost": 0,
+  out = {"msgs_sent": int(sent), "msgs_delivered": int(sent - overflow), "msgs_superseded": 0,
+         "msgs_overflow": int(overflow), "msgs_lost": 0,
          "msgs_flushed": 0, "msgs_expired": 0, "msgs_in_flight": 0, "age_sum": 0, "age_count": 0,
          "steps": steps, "rounds": np.full(n, rounds), "time_us": now}
   return params, out

@@ -34,7 +34,7 @@ import numpy as np
 from divjax import engine as engine_lib
 from divjax import network as network_lib
 from divjax import nodes as nodes_lib
-from divjax import sampling
+from divjax import sampling, sync_wrap
 from divjax import timebase as tb
 from divjax.algorithms.base import SyncProtocol  # noqa: F401  (the synchronous algorithms' interface)
 from divjax.config import Config
@@ -57,6 +57,8 @@ class SyncState(NamedTuple):
   tick: jax.Array        # () int32, simulated time reached, in ticks
   age_sum: jax.Array     # () float32, always 0: what arrives is used in the same round
   age_count: jax.Array   # () int32
+  overflow: jax.Array    # () int32, copies a robust rule's inbox could not take (divjax.sync_wrap)
+  wrap: Any = ()         # the message wrappers' state, leaves (N, ...) (divjax.sync_wrap)
 
   def with_params(self, params) -> "SyncState":
     return self._replace(params=params)
@@ -66,13 +68,16 @@ def node_axes(state: SyncState):
   """The node axis of each state leaf: 0 for the per-node arrays, None for the scalars."""
   per_node = lambda tree: jax.tree.map(lambda _: 0, tree)
   return SyncState(params=0, opt_state=per_node(state.opt_state), steps=0, rounds=0, time_us=None,
-                   sent=None, tick=None, age_sum=None, age_count=None)
+                   sent=None, tick=None, age_sum=None, age_count=None, overflow=None, wrap=per_node(state.wrap))
 
 
 def message_counts(state: SyncState) -> dict:
-  """Every message sent is delivered within its round: int32 scalars, jittable."""
+  """Every message sent is delivered within its round, but those a robust rule's full inbox
+  could not take: int32 scalars, jittable."""
   sent, zero = jnp.asarray(state.sent, jnp.int32), jnp.zeros((), jnp.int32)
-  return {"msgs_sent": sent, "msgs_delivered": sent, "msgs_superseded": zero, "msgs_overflow": zero, "msgs_lost": zero,
+  over = jnp.asarray(state.overflow, jnp.int32)
+  return {"msgs_sent": sent, "msgs_delivered": sent - over, "msgs_superseded": zero, "msgs_overflow": over,
+          "msgs_lost": zero,
           "msgs_flushed": zero,
           "msgs_expired": zero, "msgs_in_flight": zero}
 
@@ -84,7 +89,11 @@ def make(cfg: Config, task, protocol: SyncProtocol) -> engine_lib.Engine:
                      f"(got {cfg.duration_s})")
   net = network_lib.build(cfg)
   sgd = nodes_lib.make(cfg, task)
-  bits_of = lambda c: np.array([32 * task.n_params + c.network.header_bits])
+  wrap = sync_wrap.make(cfg, task.n_params, protocol)
+  # what nodes upload (compressed: divjax.sync_wrap); FedAvg's server sends the model dense
+  bits_of = lambda c: np.array([wrap.payload_bits + c.network.header_bits])
+  dense_bits = np.array([32 * task.n_params + cfg.network.header_bits])
+  k_send = lambda run_key: sampling.stream(run_key, sampling.STREAM_SNAPSHOT)
   dt_us = net.dt_us
   k_mix = lambda run_key: sampling.stream(run_key, sampling.STREAM_PLAN)
   static = engine_lib.static_key(cfg, 0)
@@ -115,7 +124,8 @@ def make(cfg: Config, task, protocol: SyncProtocol) -> engine_lib.Engine:
   server_lat = int(round(server.latency_ms * 1e3))
   bits = bits_of(cfg)
   host_svc = lambda bps: jnp.asarray(np.minimum(network_lib.service_us(bits, bps)[:, 0], _TIME_LIMIT_US), jnp.int32)
-  down_svc = host_svc(np.full(n, server.upload_mbps * 1e6))
+  down_svc = jnp.asarray(np.minimum(network_lib.service_us(dense_bits, np.full(n, server.upload_mbps * 1e6))[:, 0],
+                                    _TIME_LIMIT_US), jnp.int32)
   in_svc = host_svc(np.array([server.download_mbps * 1e6]))[0]
   sizes = jnp.asarray(task.counts, jnp.float32)                                          # (N,)
 
@@ -142,7 +152,7 @@ def make(cfg: Config, task, protocol: SyncProtocol) -> engine_lib.Engine:
     z = lambda *s: jnp.zeros(s, jnp.int32)
     return SyncState(params=params, opt_state=sgd.init_opt(params), steps=z(n), rounds=z(n),
                      time_us=z(), sent=z(), tick=z(), age_sum=jnp.zeros((), jnp.float32),
-                     age_count=z())
+                     age_count=z(), overflow=z(), wrap=wrap.init(params))
 
   def one_round(state: SyncState, hyper: engine_lib.Params, mix):
     src, dst, w, self_w = mix
@@ -156,9 +166,12 @@ def make(cfg: Config, task, protocol: SyncProtocol) -> engine_lib.Engine:
 
     (params, opt_state, steps), losses = jax.lax.scan(
         local, (state.params, state.opt_state, state.steps), None, length=h)
-    mixed = self_w[:, None] * params + jax.ops.segment_sum(w[:, None] * params[src], dst, num_segments=n)
+    payload, wrap_state = send(params, hyper.key, state.rounds[0], everyone, state.wrap)
+    mixed, over = sync_wrap.gossip(wrap, state.params, params, payload, src, dst, w, self_w, hyper.key,
+                                   state.rounds[0])
     return state._replace(params=mixed, opt_state=opt_state, steps=steps, rounds=state.rounds + 1,
-                          sent=state.sent + jnp.sum(w > 0, dtype=jnp.int32)), losses.mean()
+                          sent=state.sent + jnp.sum(w > 0, dtype=jnp.int32), overflow=state.overflow + over,
+                          wrap=wrap_state), losses.mean()
 
   def server_round(state: SyncState, hyper: engine_lib.Params, cohort):
     member = jnp.zeros((n,), bool).at[cohort].set(True)
@@ -171,11 +184,18 @@ def make(cfg: Config, task, protocol: SyncProtocol) -> engine_lib.Engine:
 
     (params, opt_state, steps), losses = jax.lax.scan(
         local, (state.params, state.opt_state, state.steps), None, length=h)
+    payload, wrap_state = send(params, hyper.key, state.rounds[0], member, state.wrap)
     w = sizes[cohort] / jnp.sum(sizes[cohort])
-    global_ = jnp.sum(w[:, None] * params[cohort], axis=0)
+    global_ = sync_wrap.server(wrap, state.params[cohort], payload[cohort], w)
     return state._replace(params=jnp.broadcast_to(global_, params.shape), opt_state=opt_state,
-                          steps=steps, rounds=state.rounds + 1,
-                          sent=state.sent + 2 * cohort.shape[0]), losses.sum() / (h * cohort.shape[0])
+                          steps=steps, rounds=state.rounds + 1, sent=state.sent + 2 * cohort.shape[0],
+                          wrap=wrap_state), losses.sum() / (h * cohort.shape[0])
+
+  def send(params, run_key, round_, senders, wrap_state):
+    """What the nodes upload this round: their models, or what the wrappers make of them."""
+    if wrap.send is None:
+      return params, wrap_state
+    return wrap.send(params, k_send(run_key), round_, senders, wrap_state)
 
   def advance(state: SyncState, hyper: engine_lib.Params, length: int):
     """Runs every round that completes by tick state.tick + length."""

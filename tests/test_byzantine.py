@@ -224,10 +224,8 @@ def test_crashed_nodes_fall_silent_and_the_engine_matches_the_reference():
     (["byzantine.nodes=[9]"], "byzantine.nodes"),
     (["aggregation.inbox=1"], "aggregation.inbox"),
     (["aggregation.rule=max"], "aggregation.rule"),
-    (["algorithm=dpsgd", "aggregation.rule=median"], "aggregation.rule"),
     (["algorithm=sgp", "aggregation.rule=median"], "aggregation.rule"),
     (["algorithm=adpsgd", "aggregation.rule=median"], "aggregation.rule"),
-    (["algorithm=fedavg", "byzantine.fraction=0.2"], "byzantine.fraction"),
     (["byzantine.fraction=0.2", "byzantine.per_recipient=true"], "per_recipient"),       # sign_flip
     (["algorithm=swift_original", "topology=regular", "byzantine.fraction=0.2", "byzantine.attack=gaussian",
       "byzantine.per_recipient=true"], "byzantine.per_recipient"),

@@ -37,7 +37,8 @@ DEFAULT_FRAGMENTS = {a: p.default_fragments for a, p in PROPERTIES.items() if p.
 def make(cfg):
   """The algorithm of a config, with the wrappers its sections ask for, innermost first:
   compression, aggregation (robust rules, bounded inbox), byzantine (attacks, which the
-  attackers' compression then compresses)."""
+  attackers' compression then compresses). A synchronous algorithm's wrappers are its round
+  engine's (divjax.sync_wrap)."""
   alg = REGISTRY[cfg.algorithm](cfg)
   if PROPERTIES[cfg.algorithm].synchronous:
     return alg

@@ -1,0 +1,197 @@
+"""The byzantine, compression and aggregation sections over a synchronous round (divjax.sync).
+
+The same wrappers as for the asynchronous engine (divjax.byzantine, divjax.compression,
+divjax.robust), applied to the one message a synchronous node sends per round: its whole
+post-training model, as one fragment of P coordinates.
+
+  what is sent   Byzantine nodes send their attack, every payload is compressed, exactly as an
+                 asynchronous node's snapshot at a round end (the wrappers' own `snapshot`
+                 functions, over an (N, 1, P) layout; error feedback and top-k memory are kept
+                 per node and change only for the nodes that send: all of them in D-PSGD and
+                 EL, the cohort in FedAvg). Message size: the compressed payload's bits, so
+                 round times follow.
+  a coordinate   not sent (sparsified payloads) counts as the receiver's own value in D-PSGD
+                 and EL, so the mixing weights stay as the protocol gives them (row sums 1); in
+                 FedAvg as the value the client started the round from (the global model it
+                 received): a client sends what changed most.
+  robust rules   replace the weighted mixing with `aggregation.rule` over the receiver's own
+                 post-training model and the copies it received this round, uniformly (the
+                 mixing weights are not used). At most K copies reach a receiver: the others
+                 end as OVERFLOW, chosen by a seeded random priority per edge and round (K:
+                 `aggregation.inbox`, by default the largest in-degree of a D-PSGD or EL-Oracle
+                 round, 4 J for EL-Local whose in-degrees vary). centered_clip iterates from the
+                 receiver's model at the start of the round: its last aggregate.
+                 FedAvg's server applies the rule to the cohort's C uploads (self-centered
+                 clipping: around the model it sent), uniformly instead of by training-set size.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from divjax import algorithms, robust, sampling
+from divjax.algorithms.base import AsyncAlgorithm, Dims
+
+
+class SyncWrap(NamedTuple):
+  """What a synchronous run's config adds to its messages (see the module docstring).
+
+  send: (x (N, P), key, round, senders (N,) bool, state) -> (payload (N, P), state); NaN: not sent.
+  reference_send: (i, models (N, P), key, round, state_i) -> (payload (P,), state_i).
+  init: x0 (N, P) -> state (leaves with the node axis first); reference_init: x0 (P,) -> state_i.
+  payload_bits: bits of one message's payload (without the header).
+  rule: None (the protocol's weighted mixing) or a robust rule of divjax.robust, over at most
+    `inbox` copies per receiver.
+  """
+  send: Optional[Callable]
+  reference_send: Optional[Callable]
+  init: Callable
+  reference_init: Callable
+  payload_bits: int
+  sparse: bool = False     # payloads may leave coordinates out (NaN)
+  rule: Optional[str] = None
+  inbox: int = 0
+  trim: int = 1
+  tau: float = 1.0
+  iters: int = 3
+
+
+def make(cfg, n_params: int, protocol) -> SyncWrap:
+  """The wrapper of cfg's sections for a synchronous protocol of a model with n_params floats."""
+  from divjax import byzantine, compression  # noqa: PLC0415  (they import algorithms.base)
+  alg = AsyncAlgorithm(cfg.algorithm, fragments=1, messages=1, plan=None)
+  comp = cfg.compression
+  if comp.kind != "none":
+    alg = compression.with_compression(alg, comp.kind, fraction=comp.fraction, levels=comp.levels,
+                                       error_feedback=comp.error_feedback)
+  if byzantine.ids(cfg).size:
+    alg = byzantine.with_byzantine(alg, byzantine.mask(cfg), cfg.byzantine.attack, cfg.byzantine.scale,
+                                   cfg.byzantine.z, False)
+  n, p = cfg.n_nodes, n_params
+  dims, real, coords = Dims(n, 1, p, 0), jnp.ones((1, p), bool), [np.arange(p)]
+  send = ref_send = None
+  if alg.snapshot is not None:
+    def send(x, key, round_, senders, state):
+      rounds = jnp.full((n,), round_, jnp.int32)
+      payload, state = alg.snapshot(x[:, None, :], real, key, rounds, senders, state)
+      return payload[:, 0, :], state
+
+    def ref_send(i, models, key, round_, state):
+      return alg.reference_snapshot(i, models, coords, key, round_, state)
+
+  agg = cfg.aggregation
+  rule = None if agg.rule == "mean" else agg.rule
+  return SyncWrap(send=send, reference_send=ref_send,
+                  init=lambda x0: alg.init(x0[:, None, :], dims),
+                  reference_init=lambda x0: alg.reference_init(x0),
+                  payload_bits=int(alg.payload_bits(np.array([p]))[0]),
+                  sparse=comp.kind in ("top_k", "random_k"), rule=rule, inbox=inbox_size(cfg, protocol) if rule else 0,
+                  trim=agg.trim, tau=agg.clip_tau, iters=agg.clip_iters)
+
+
+def inbox_size(cfg, protocol) -> int:
+  """K: aggregation.inbox, else the largest in-degree of round 0 (D-PSGD's and EL-Oracle's
+  in-degrees do not change) or 4 J (EL-Local's vary; as for asynchronous algorithms);
+  FedAvg's server reads every upload (C)."""
+  if protocol.cohort is not None:
+    return cfg.server.cohort or cfg.n_nodes
+  if cfg.aggregation.inbox is not None:
+    return cfg.aggregation.inbox
+  if cfg.algorithm in ("el_local", "el"):
+    return algorithms.inbox_size(cfg)
+  _, dst, w, _ = protocol.mixing(jax.random.key(0), 0)
+  return max(1, int(np.bincount(np.asarray(dst)[np.asarray(w) > 0], minlength=cfg.n_nodes).max()))
+
+
+def priorities(run_key, round_, n_edges: int):
+  """(E,) float32: which copies reach a full inbox first (lowest), fresh every round."""
+  return jax.random.uniform(sampling.node_key(sampling.stream(run_key, sampling.STREAM_INBOX), 0, round_),
+                            (n_edges,), jnp.float32)
+
+
+def _robust(wrap: SyncWrap, x, vals, valid, center):
+  """wrap.rule on (N, P) own values and (N, K, P) copies, valid (N, K): divjax.robust's rules."""
+  x3, v4, ok, c3 = x[:, None], vals[:, None], valid[:, None], center[:, None]
+  if wrap.rule == "median":
+    out = robust.median(x3, v4, ok)
+  elif wrap.rule == "trimmed_mean":
+    out = robust.trimmed_mean(x3, v4, ok, wrap.trim)
+  elif wrap.rule == "self_centered_clip":
+    out = robust.self_centered_clip(x3, v4, ok, wrap.tau)
+  else:
+    out = robust.centered_clip(x3, v4, ok, c3, wrap.tau, wrap.iters)
+  return out[:, 0]
+
+
+def gossip(wrap: SyncWrap, start, x, payload, src, dst, w, self_w, run_key, round_):
+  """D-PSGD / EL mixing of one round: (new params (N, P), copies overflowed ())."""
+  n = x.shape[0]
+  if wrap.rule is None:
+    got = jnp.where(jnp.isnan(payload[src]), x[dst], payload[src]) if wrap.sparse else payload[src]
+    return self_w[:, None] * x + jax.ops.segment_sum(w[:, None] * got, dst, num_segments=n), jnp.zeros((), jnp.int32)
+  live = w > 0
+  order = jnp.lexsort((priorities(run_key, round_, src.shape[0]), jnp.where(live, dst, n)))
+  d = jnp.where(live, dst, n)[order]
+  pos = jnp.arange(d.shape[0])
+  first = jnp.concatenate([jnp.array([True]), d[1:] != d[:-1]])
+  rank = jnp.zeros_like(pos).at[order].set(pos - jax.lax.cummax(jnp.where(first, pos, 0)))
+  kept = live & (rank < wrap.inbox)
+  row, col = jnp.where(kept, dst, n), jnp.where(kept, rank, 0)
+  vals = jnp.zeros((n + 1, wrap.inbox, x.shape[1]), x.dtype).at[row, col].set(payload[src])[:n]
+  valid = jnp.zeros((n + 1, wrap.inbox), bool).at[row, col].set(True)[:n]
+  return _robust(wrap, x, vals, valid, start), jnp.sum(live & ~kept, dtype=jnp.int32)
+
+
+def server(wrap: SyncWrap, start, uploads, weights):
+  """FedAvg's new global model (P,) from the cohort's uploads (C, P), NaN filled from `start`
+  (C, P), the models the clients started from; weights (C,) by training-set size."""
+  if wrap.sparse:
+    uploads = jnp.where(jnp.isnan(uploads), start, uploads)
+  if wrap.rule is None:
+    return jnp.sum(weights[:, None] * uploads, axis=0)
+  if wrap.rule == "self_centered_clip":
+    sent = jnp.sum(weights[:, None] * start, axis=0)     # the model the server sent
+    own, vals = sent, uploads
+  else:                                                 # the rule over the C uploads themselves
+    own, vals = uploads[0], uploads[1:]
+  center = jnp.sum(weights[:, None] * start, axis=0)
+  valid = jnp.ones((1, vals.shape[0]), bool)
+  return _robust(wrap, own[None], vals[None], valid, center[None])[0]
+
+
+# ---- the same, plainly, for the reference simulator (numpy, one receiver at a time)
+
+
+def reference_gossip(wrap: SyncWrap, start, x, payload, src, dst, w, self_w, run_key, round_):
+  n = x.shape[0]
+  if wrap.rule is None:
+    mixed = self_w[:, None].astype(np.float32) * x
+    for s, d, we in zip(src.tolist(), dst.tolist(), w.tolist()):
+      mixed[d] += np.float32(we) * np.where(np.isnan(payload[s]), x[d], payload[s])
+    return mixed.astype(np.float32), 0
+  prio = np.asarray(priorities(run_key, round_, src.shape[0]))
+  out, overflow = np.empty_like(x), 0
+  for d in range(n):
+    edges = sorted((e for e in range(src.shape[0]) if dst[e] == d and w[e] > 0), key=lambda e: (prio[e], e))
+    overflow += max(0, len(edges) - wrap.inbox)
+    values = np.stack([x[d]] + [payload[src[e]] for e in edges[:wrap.inbox]]).astype(np.float32)
+    out[d] = robust.reference_rule(wrap.rule, values, start[d], wrap.trim, wrap.tau, wrap.iters)
+  return out.astype(np.float32), overflow
+
+
+def reference_server(wrap: SyncWrap, start, uploads, weights):
+  uploads = np.where(np.isnan(uploads), start, uploads).astype(np.float32)
+  sent = np.zeros(uploads.shape[1], np.float32)
+  for wk, s in zip(weights, start):
+    sent += np.float32(wk) * s
+  if wrap.rule is None:
+    out = np.zeros_like(sent)
+    for wk, u in zip(weights, uploads):
+      out += np.float32(wk) * u
+    return out
+  values = np.concatenate([sent[None], uploads]) if wrap.rule == "self_centered_clip" else uploads
+  return robust.reference_rule(wrap.rule, values, sent, wrap.trim, wrap.tau, wrap.iters).astype(np.float32)

@@ -1,0 +1,127 @@
+"""Byzantine nodes, compression and robust rules over the synchronous algorithms
+(divjax.sync_wrap): the round engine against the plain reference, and what they must do."""
+
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from divjax import algorithms, fates, reference, simulate
+from divjax.config import ConfigError
+from test_sync_vs_reference import ALGOS, CASES
+
+N_TICKS = 60
+
+
+def run_both(cfg, n_ticks=N_TICKS):
+  sim = simulate.build(cfg)
+  state = sim.engine.init(sim.run_key)
+  state, _ = simulate.compile_chunk(sim, state, n_ticks)(state, sim.params)
+  ref_params, ref = reference.simulate_sync(cfg, sim.task, algorithms.make(cfg), n_ticks)
+  return sim, state, ref_params, ref
+
+
+def assert_agree(sim, state, ref_params, ref):
+  assert ref["rounds"][0] >= 2
+  assert int(state.time_us) == ref["time_us"]
+  np.testing.assert_array_equal(np.asarray(state.rounds), ref["rounds"])
+  counts = fates.to_host(sim.engine.counts(state))
+  for k, v in counts.items():
+    assert v == ref[k], k
+  assert counts["msgs_sent"] == counts["msgs_delivered"] + counts["msgs_overflow"]
+  np.testing.assert_allclose(np.asarray(state.params), ref_params, rtol=2e-5, atol=2e-5)
+
+
+BYZ = ["byzantine.nodes=[1,4]"]
+WRAPS = {   # name: overrides
+    "sign_flip-median": BYZ + ["byzantine.attack=sign_flip", "aggregation.rule=median"],
+    "alie-trimmed": BYZ + ["byzantine.attack=alie", "aggregation.rule=trimmed_mean"],
+    "gaussian-scc": BYZ + ["byzantine.attack=gaussian", "aggregation.rule=self_centered_clip",
+                           "aggregation.clip_tau=0.5"],
+    "ipm-cc": BYZ + ["byzantine.attack=ipm", "aggregation.rule=centered_clip", "aggregation.clip_tau=0.5"],
+    "top_k": ["compression.kind=top_k", "compression.fraction=0.1"],
+    "random_k-median": ["compression.kind=random_k", "compression.fraction=0.3", "aggregation.rule=median"],
+    "qsgd-sign_flip": BYZ + ["compression.kind=qsgd", "compression.levels=4", "byzantine.attack=sign_flip"],
+    "top_k-no-ef": ["compression.kind=top_k", "compression.fraction=0.2", "compression.error_feedback=false"],
+}
+# Each wrapper on D-PSGD with stragglers, the others on EL and FedAvg (the rest: -m slow).
+DEFAULT = {("dpsgd-ring", w) for w in WRAPS} | {
+    ("el", "alie-trimmed"), ("el", "top_k"), ("fedavg-cohort", "sign_flip-median"), ("fedavg-cohort", "top_k"),
+    ("fedavg-cohort", "gaussian-scc"), ("el_oracle", "ipm-cc")}
+
+
+@pytest.mark.parametrize("algo, wrap", [
+    pytest.param(a, w, marks=() if (a, w) in DEFAULT else pytest.mark.slow)
+    for a in ("dpsgd-ring", "dpsgd-random-ring", "el", "el_oracle", "fedavg-cohort") for w in WRAPS])
+def test_sync_engine_matches_reference_with_wrappers(algo, wrap):
+  cfg = tiny_config(*ALGOS[algo], *CASES["comm-stragglers"], *WRAPS[wrap], "duration_s=0.6")
+  assert_agree(*run_both(cfg))
+
+
+def test_el_local_inbox_overflows_are_counted_and_match_the_reference():
+  """EL-Local's in-degree varies: with K = 1 some copies overflow, the same ones as in the reference."""
+  cfg = tiny_config("algorithm=el", "recipients=2", "aggregation.rule=median", "aggregation.inbox=2",
+                    "n_nodes=8", "duration_s=0.6")
+  cfg = cfg.model_copy(update={"aggregation": cfg.aggregation.model_copy(update={"inbox": 1})})
+  sim, state, ref_params, ref = run_both(cfg)
+  assert ref["msgs_overflow"] > 0
+  assert_agree(sim, state, ref_params, ref)
+
+
+def test_compressed_uploads_make_rounds_shorter():
+  """Message size follows the compression: with slow links the same time holds more rounds."""
+  slow = ["algorithm=dpsgd", "topology=ring", "network.upload_mbps=0.05", "duration_s=2"]
+  dense = simulate.build(tiny_config(*slow))
+  sparse = simulate.build(tiny_config(*slow, "compression.kind=top_k", "compression.fraction=0.05"))
+  assert sparse.engine.message_bits < dense.engine.message_bits / 4
+  rounds = []
+  for sim in (dense, sparse):
+    state = sim.engine.init(sim.run_key)
+    state, _ = simulate.compile_chunk(sim, state, 200)(state, sim.params)
+    rounds.append(int(state.rounds[0]))
+  assert rounds[1] > 2 * rounds[0] >= 2
+
+
+def test_identity_settings_leave_the_run_unchanged():
+  """top-k with k = P sends the model dense: the same run as without compression."""
+  base = ["algorithm=dpsgd", "topology=ring", "duration_s=0.6"]
+  _, plain, _, _ = run_both(tiny_config(*base))
+  _, full, _, _ = run_both(tiny_config(*base, "compression.kind=random_k", "compression.fraction=1"))
+  np.testing.assert_array_equal(np.asarray(plain.params), np.asarray(full.params))
+  assert int(plain.time_us) == int(full.time_us)
+
+
+def engine_params(cfg, n_ticks=N_TICKS):
+  sim = simulate.build(cfg)
+  state = sim.engine.init(sim.run_key)
+  return np.asarray(simulate.compile_chunk(sim, state, n_ticks)(state, sim.params)[0].params)
+
+
+def test_median_and_trimmed_mean_survive_a_sign_flip_minority_that_breaks_the_mean():
+  """D-PSGD on a complete graph, 2 of 8 nodes sending -4 x: the honest models move as far as
+  they are from the origin under the mean, several times less under the robust rules (each
+  compared with the same rule without attackers)."""
+  base = ["algorithm=dpsgd", "topology=complete", "n_nodes=8", "duration_s=0.6", "aggregation.trim=2"]
+  attack = ["byzantine.nodes=[0,1]", "byzantine.attack=sign_flip", "byzantine.scale=4"]
+  honest = np.arange(2, 8)
+  moved = {}
+  for rule in ("mean", "median", "trimmed_mean"):
+    clean = engine_params(tiny_config(*base, f"aggregation.rule={rule}"))[honest]
+    attacked = engine_params(tiny_config(*base, *attack, f"aggregation.rule={rule}"))[honest]
+    moved[rule] = np.linalg.norm(attacked - clean) / np.linalg.norm(clean)
+  assert moved["mean"] > 0.5
+  assert moved["median"] < moved["mean"] / 4 and moved["trimmed_mean"] < moved["mean"] / 4
+
+
+@pytest.mark.parametrize("sets, key", [
+    (["algorithm=dpsgd", "churn.mean_online_s=1", "churn.mean_offline_s=1"], "churn.mean_online_s"),
+    (["algorithm=dpsgd", "byzantine.fraction=0.2", "byzantine.attack=crash"], "byzantine.attack"),
+    (["algorithm=el", "byzantine.fraction=0.2", "byzantine.attack=gaussian", "byzantine.per_recipient=true"],
+     "byzantine.per_recipient"),
+    (["algorithm=dpsgd", "aggregation.inbox=4"], "aggregation.inbox"),
+    (["algorithm=fedavg", "aggregation.rule=median", "aggregation.inbox=4"], "aggregation.inbox"),
+    (["algorithm=fedavg", "byzantine.fraction=1"], "byzantine.fraction"),
+    (["algorithm=dpsgd", "compression.kind=top_k", "compression.fraction=0"], "compression.fraction"),
+])
+def test_what_a_synchronous_round_cannot_express_is_refused_naming_the_key(sets, key):
+  with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+    tiny_config(*sets)
