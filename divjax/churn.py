@@ -164,6 +164,48 @@ def last_online_in(av: Availability, nodes, rounds):
   return jnp.where(rounds < av.online.shape[1], jnp.where(rounds < 0, -1, av.last_on[nodes, r]), rounds)
 
 
+class Intervals(NamedTuple):
+  """Offline intervals as integer microseconds, for the synchronous engine (divjax.sync): node i
+  is offline at time t when start[i, m] <= t < end[i, m] for some m; padding is empty."""
+  start: jnp.ndarray       # (N, M) int32
+  end: jnp.ndarray         # (N, M) int32
+
+
+def intervals_us(cfg, horizon_s: float, limit_us: int) -> Optional[Intervals]:
+  """The schedule's offline intervals up to the horizon, in microseconds (ceil, so that t is
+  inside exactly when t / 1e6 is), saturating at limit_us; None without churn. M is fixed by
+  the config's structure, not by the draw (points of a sweep stack their schedules)."""
+  if not enabled(cfg):
+    return None
+  iv = offline_intervals(cfg, horizon_s)
+  m = _max_intervals(cfg, horizon_s)
+  if max(len(x) for x in iv) > m:   # a draw beyond 2x its mean + 20: never seen in practice
+    raise ConfigError(f"churn.mean_online_s: node schedules with more than {m} offline intervals in "
+                      f"{horizon_s:g} s; lengthen the mean durations")
+  start, end = np.full((cfg.n_nodes, m), limit_us, np.int64), np.full((cfg.n_nodes, m), limit_us, np.int64)
+  for i, rows in enumerate(iv):
+    for k, (a, b) in enumerate(rows):
+      start[i, k] = min(limit_us, np.ceil(a * 1e6))
+      end[i, k] = min(limit_us, np.ceil(b * 1e6)) if np.isfinite(b) else limit_us
+  return Intervals(jnp.asarray(start, jnp.int32), jnp.asarray(end, jnp.int32))
+
+
+def _max_intervals(cfg, horizon_s: float) -> int:
+  c, m = cfg.churn, 1 if crashes(cfg) else 0
+  if c.trace is not None:
+    m += max(len(x) for x in read_trace(c.trace, cfg.n_nodes))
+  elif c.mean_online_s is not None:
+    m += int(np.ceil(2 * horizon_s / (c.mean_online_s + c.mean_offline_s))) + 20
+  return max(1, m)
+
+
+def online_at(iv: Optional[Intervals], t):
+  """(N,) bool: which nodes are online at time t (microseconds); everyone without churn."""
+  if iv is None:
+    return None
+  return ~jnp.any((t >= iv.start) & (t < iv.end), axis=1)
+
+
 class Reference:
   """The same schedule for the reference simulator, node by node."""
 

@@ -81,7 +81,7 @@ def _check_wrappers(cfg: Config) -> None:
   """The byzantine, aggregation and compression sections wrap any algorithm's messages
   (divjax.byzantine, divjax.robust, divjax.compression; divjax.sync_wrap for the synchronous
   ones); on an asynchronous algorithm a robust rule and compression replace a uniform mean.
-  Churn and time-varying bandwidth are for the asynchronous engine."""
+  Time-varying bandwidth is for the asynchronous engine."""
   default = Config()
   sync = algorithms.PROPERTIES[cfg.algorithm].synchronous
   if sync:
@@ -107,18 +107,9 @@ def _check_wrappers(cfg: Config) -> None:
 def _check_sync_wrappers(cfg: Config, default: Config) -> None:
   """What a synchronous round (divjax.sync_wrap) cannot express, refused naming the key."""
   a = cfg.algorithm
-  for key in ("churn",):
-    section = getattr(cfg, key)
-    if section != getattr(default, key):
-      changed = [k for k in type(section).model_fields if getattr(section, k) != getattr(getattr(default, key), k)]
-      raise ConfigError(f"{key}.{changed[0]}: nodes going offline are simulated by the asynchronous engine; "
-                        f"algorithm {a!r} is synchronous: leave the {key} section out")
   if cfg.network.bandwidth != default.network.bandwidth:
     raise ConfigError(f"network.bandwidth: time-varying rates are for the asynchronous engine; algorithm "
                       f"{a!r} is synchronous: leave the section out")
-  if cfg.byzantine != default.byzantine and cfg.byzantine.attack == "crash":
-    raise ConfigError(f"byzantine.attack: a crash takes nodes offline (churn), which the asynchronous "
-                      f"engine simulates; algorithm {a!r} is synchronous: use sign_flip, gaussian, alie or ipm")
   if cfg.byzantine.per_recipient:
     raise ConfigError(f"byzantine.per_recipient: algorithm {a!r} is synchronous and sends one payload per "
                       f"round to all its receivers: leave it false")

@@ -386,8 +386,14 @@ def simulate_sync(cfg: Config, task, protocol, n_ticks: int, run_key: Optional[j
   x_train, y_train = np.asarray(task.x_train), np.asarray(task.y_train)
   params = np.array(task.initial_models(run_key, n, cfg.init.spread), np.float32)
   velocity = np.zeros_like(params)
-  steps, rounds, now, sent, overflow = np.zeros(n, np.int64), 0, 0, 0, 0
+  steps, rounds, now, sent, overflow, lost = np.zeros(n, np.int64), 0, 0, 0, 0, 0
   wstate = [wrap.reference_init(params[i]) for i in range(n)]
+  offline = churn.offline_intervals(cfg, cfg.duration_s + 1) if churn.enabled(cfg) else [[] for _ in range(n)]
+  compute = [h * int(net.period[i]) * dt for i in range(n)]
+
+  def online(i):
+    """Node i takes part in the round starting now unless one of its offline intervals holds now."""
+    return not any(a * 1e6 <= now < b * 1e6 for a, b in offline[i])
 
   def upload(i):
     """What node i sends this round (params hold every node's post-training model)."""
@@ -404,8 +410,8 @@ def simulate_sync(cfg: Config, task, protocol, n_ticks: int, run_key: Optional[j
       params[i] = params[i] - np.float32(cfg.lr) * velocity[i]
       steps[i] += 1
 
-  while protocol.cohort is not None:  # FedAvg: a server round
-    cohort = np.asarray(protocol.cohort(k_mix, rounds)).tolist()
+  while protocol.cohort is not None:  # FedAvg: a server round with the cohort's online members
+    cohort = [i for i in np.asarray(protocol.cohort(k_mix, rounds)).tolist() if online(i)]
     srv = cfg.server
     lat = {i: (int(round(srv.latency_ms * 1e3)) + int(net.latency_us[i])) // 2 for i in cohort}
     down = network_lib.one_service_us(dense_bits, srv.upload_mbps * 1e6)
@@ -414,29 +420,31 @@ def simulate_sync(cfg: Config, task, protocol, n_ticks: int, run_key: Optional[j
     for i in cohort:                      # the server sends the model to one client after another
       t += down
       up = network_lib.one_service_us(bits, net.upload_bps[i])
-      alone[i] = t + lat[i] + h * int(net.period[i]) * dt + up + lat[i]  # its upload, if alone
-    busy = 0
+      alone[i] = t + lat[i] + compute[i] + up + lat[i]  # its upload, if alone
+    busy = 0 if cohort else min(compute)  # nobody online: the round lasts the fastest node's steps
     for i in sorted(cohort, key=lambda i: (alone[i], i)):  # the server link takes one per into_server
       busy = max(busy + into_server, alone[i])
     if now + busy > horizon:
       break
-    start = params[cohort].copy()
-    for i in cohort:
-      train(i)
-    uploads = np.stack([upload(i) for i in cohort])
-    sizes = np.asarray(task.counts, np.float32)[cohort]
-    weights = sizes / sizes.sum()
-    params[:] = sync_wrap.reference_server(wrap, start, uploads, weights)
+    if cohort:
+      start = params[cohort].copy()
+      for i in cohort:
+        train(i)
+      uploads = np.stack([upload(i) for i in cohort])
+      sizes = np.asarray(task.counts, np.float32)[cohort]
+      weights = sizes / sizes.sum()
+      params[:] = sync_wrap.reference_server(wrap, start, uploads, weights)
     sent += 2 * len(cohort)
     rounds += 1
     now += busy
 
   while protocol.cohort is None:
     src, dst, w, self_w = (np.asarray(a) for a in protocol.mixing(k_mix, rounds))
-    finish = max(h * int(net.period[i]) * dt for i in range(n))
-    busy = {i: h * int(net.period[i]) * dt for i in range(n)}   # each sender starts after its compute
+    on = [online(i) for i in range(n)]
+    finish = max([compute[i] for i in range(n) if on[i]] + [min(compute)])
+    busy = dict(enumerate(compute))       # each sender starts after its compute
     for s, d, we in zip(src.tolist(), dst.tolist(), w.tolist()):
-      if we <= 0:
+      if we <= 0 or not on[s]:            # an offline node sends nothing
         continue
       busy[s] += network_lib.one_service_us(bits, network_lib.link_rate_bps(net, s, d))
       finish = max(finish, busy[s] + (int(net.latency_us[s]) + int(net.latency_us[d])) // 2)
@@ -444,16 +452,21 @@ def simulate_sync(cfg: Config, task, protocol, n_ticks: int, run_key: Optional[j
       break
     start = params.copy()
     for i in range(n):
-      train(i)
-    payload = np.stack([upload(i) for i in range(n)])
-    params, over = sync_wrap.reference_gossip(wrap, start, params, payload, src, dst, w, self_w, run_key, rounds)
-    sent += int(np.sum(w > 0))
+      if on[i]:
+        train(i)
+    payload = np.stack([upload(i) if on[i] else params[i] for i in range(n)])
+    arrived = np.array([we > 0 and on[s] and on[d] for s, d, we in zip(src.tolist(), dst.tolist(), w.tolist())])
+    mixed, over = sync_wrap.reference_gossip(wrap, start, params, payload, src, dst, w, self_w, run_key, rounds,
+                                             arrived)
+    params = np.where(np.array(on)[:, None], mixed, params).astype(np.float32)   # offline: unchanged
+    sent += sum(1 for s, we in zip(src.tolist(), w.tolist()) if we > 0 and on[s])
+    lost += sum(1 for s, d, we in zip(src.tolist(), dst.tolist(), w.tolist()) if we > 0 and on[s] and not on[d])
     overflow += over
     rounds += 1
     now += finish
 
-  out = {"msgs_sent": int(sent), "msgs_delivered": int(sent - overflow), "msgs_superseded": 0,
-         "msgs_overflow": int(overflow), "msgs_lost": 0,
+  out = {"msgs_sent": int(sent), "msgs_delivered": int(sent - overflow - lost), "msgs_superseded": 0,
+         "msgs_overflow": int(overflow), "msgs_lost": int(lost),
          "msgs_flushed": 0, "msgs_expired": 0, "msgs_in_flight": 0, "age_sum": 0, "age_count": 0,
          "steps": steps, "rounds": np.full(n, rounds), "time_us": now}
   return params, out

@@ -21,6 +21,13 @@ max(done_{k-1} + size/server_download, ready_k + size/upload_k).
 The round ends when the last upload has arrived; the server's average, weighted by the
 clients' training-set sizes, becomes every node's model (nodes outside the cohort hold what
 the server would send them next, so per-node evaluation measures the global model).
+
+What is sent and how it is combined can be wrapped (Byzantine attacks, compression, robust
+rules: divjax.sync_wrap). Churn (divjax.churn): a node offline when a round starts sits the
+round out: it neither trains nor sends, a message to it is LOST and its weight goes to the
+receiver's own model, and the barrier waits for the online nodes only (at least the fastest
+node's H steps, so time moves on when nobody is online); FedAvg's server contacts only the
+cohort's online members and renormalizes their weights.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from divjax import churn
 from divjax import engine as engine_lib
 from divjax import network as network_lib
 from divjax import nodes as nodes_lib
@@ -58,6 +66,7 @@ class SyncState(NamedTuple):
   age_sum: jax.Array     # () float32, always 0: what arrives is used in the same round
   age_count: jax.Array   # () int32
   overflow: jax.Array    # () int32, copies a robust rule's inbox could not take (divjax.sync_wrap)
+  lost: jax.Array        # () int32, messages to nodes offline (churn)
   wrap: Any = ()         # the message wrappers' state, leaves (N, ...) (divjax.sync_wrap)
 
   def with_params(self, params) -> "SyncState":
@@ -68,16 +77,16 @@ def node_axes(state: SyncState):
   """The node axis of each state leaf: 0 for the per-node arrays, None for the scalars."""
   per_node = lambda tree: jax.tree.map(lambda _: 0, tree)
   return SyncState(params=0, opt_state=per_node(state.opt_state), steps=0, rounds=0, time_us=None,
-                   sent=None, tick=None, age_sum=None, age_count=None, overflow=None, wrap=per_node(state.wrap))
+                   sent=None, tick=None, age_sum=None, age_count=None, overflow=None, lost=None, wrap=per_node(state.wrap))
 
 
 def message_counts(state: SyncState) -> dict:
   """Every message sent is delivered within its round, but those a robust rule's full inbox
   could not take: int32 scalars, jittable."""
   sent, zero = jnp.asarray(state.sent, jnp.int32), jnp.zeros((), jnp.int32)
-  over = jnp.asarray(state.overflow, jnp.int32)
-  return {"msgs_sent": sent, "msgs_delivered": sent - over, "msgs_superseded": zero, "msgs_overflow": over,
-          "msgs_lost": zero,
+  over, lost = jnp.asarray(state.overflow, jnp.int32), jnp.asarray(state.lost, jnp.int32)
+  return {"msgs_sent": sent, "msgs_delivered": sent - over - lost, "msgs_superseded": zero, "msgs_overflow": over,
+          "msgs_lost": lost,
           "msgs_flushed": zero,
           "msgs_expired": zero, "msgs_in_flight": zero}
 
@@ -100,25 +109,28 @@ def make(cfg: Config, task, protocol: SyncProtocol) -> engine_lib.Engine:
 
   def params(cfg_p: Config, data) -> engine_lib.Params:
     engine_lib.check_static(static, cfg_p, 0)
-    return engine_lib.make_params(cfg_p, data, bits_of(cfg_p), network_lib.build(cfg_p))
+    return engine_lib.make_params(cfg_p, data, bits_of(cfg_p), network_lib.build(cfg_p))._replace(
+        availability=churn.intervals_us(cfg_p, cfg_p.duration_s + 1, _TIME_LIMIT_US))
 
   def compute_us(lk):
     """(N,) H local steps in us, saturating at the time limit (h * period fits int32)."""
     ticks = h * lk.period
     return jnp.where(ticks > _TIME_LIMIT_US // dt_us, _TIME_LIMIT_US, ticks * dt_us)
 
-  def round_duration(lk, src, dst, w):
-    """Exact barrier time of one round (microseconds, saturating at the time limit)."""
+  def round_duration(lk, src, dst, w, on):
+    """Exact barrier time of one round (microseconds, saturating at the time limit); with
+    churn, of the nodes online (`on`), and at least the fastest node's H steps."""
     service_of = lambda *a: tb.narrow(network_lib.service(lk, *a), _TIME_LIMIT_US)
     lat_us, compute = lk.latency_us, compute_us(lk)
-    live = w > 0
+    live = w > 0 if on is None else (w > 0) & on[src]
     svc = jnp.where(live, service_of(src, dst, jnp.zeros_like(src)), 0)
     order = jnp.argsort(src, stable=True)           # each sender serves its edges in list order
     s_src, s_svc = src[order], svc[order]
     first = jnp.concatenate([jnp.array([True]), s_src[1:] != s_src[:-1]])
     completion = tb.sat_segmented_cumsum(s_svc, first, _TIME_LIMIT_US)
     finish = add(add(compute[s_src], completion), (lat_us[s_src] + lat_us[dst[order]]) // 2)
-    return jnp.maximum(jnp.max(compute), jnp.max(jnp.where(live[order], finish, 0)))
+    busy = jnp.max(compute) if on is None else jnp.maximum(jnp.min(compute), jnp.max(jnp.where(on, compute, 0)))
+    return jnp.maximum(busy, jnp.max(jnp.where(live[order], finish, 0)))
 
   server = cfg.server
   server_lat = int(round(server.latency_ms * 1e3))
@@ -129,12 +141,15 @@ def make(cfg: Config, task, protocol: SyncProtocol) -> engine_lib.Engine:
   in_svc = host_svc(np.array([server.download_mbps * 1e6]))[0]
   sizes = jnp.asarray(task.counts, jnp.float32)                                          # (N,)
 
-  def server_round_duration(lk, cohort):
-    """Exact FedAvg round time (microseconds): serial downloads, training, serial uploads."""
+  def server_round_duration(lk, cohort, on):
+    """Exact FedAvg round time (microseconds): serial downloads, training, serial uploads;
+    with churn, of the cohort's online members (`on`), and at least the fastest node's H steps."""
     to_server_lat = (server_lat + lk.latency_us) // 2                                    # (N,)
     up_svc = tb.narrow(lk.up, _TIME_LIMIT_US)[:, 0]                                       # (N,)
     compute = compute_us(lk)
-    down = tb.sat_segmented_cumsum(down_svc[cohort], jnp.arange(cohort.shape[0]) == 0, _TIME_LIMIT_US)
+    ok = None if on is None else on[cohort]
+    first_svc = down_svc[cohort] if ok is None else jnp.where(ok, down_svc[cohort], 0)
+    down = tb.sat_segmented_cumsum(first_svc, jnp.arange(cohort.shape[0]) == 0, _TIME_LIMIT_US)
     arrive = add(down, to_server_lat[cohort])                               # client has the model
     # its upload, alone, would be done then
     alone = add(add(add(arrive, compute[cohort]), up_svc[cohort]), to_server_lat[cohort])
@@ -142,21 +157,21 @@ def make(cfg: Config, task, protocol: SyncProtocol) -> engine_lib.Engine:
 
     def serve(busy, k):
       done = jnp.maximum(add(busy, in_svc), alone[k])
-      return done, None
+      return (done if ok is None else jnp.where(ok[k], done, busy)), None
 
     last, _ = jax.lax.scan(serve, jnp.zeros((), jnp.int32), order)
-    return last
+    return last if ok is None else jnp.maximum(last, jnp.min(compute))
 
   def init(run_key) -> SyncState:
     params = task.initial_models(run_key, n, cfg.init.spread)
     z = lambda *s: jnp.zeros(s, jnp.int32)
     return SyncState(params=params, opt_state=sgd.init_opt(params), steps=z(n), rounds=z(n),
                      time_us=z(), sent=z(), tick=z(), age_sum=jnp.zeros((), jnp.float32),
-                     age_count=z(), overflow=z(), wrap=wrap.init(params))
+                     age_count=z(), overflow=z(), lost=z(), wrap=wrap.init(params))
 
-  def one_round(state: SyncState, hyper: engine_lib.Params, mix):
+  def one_round(state: SyncState, hyper: engine_lib.Params, mix, on):
     src, dst, w, self_w = mix
-    everyone = jnp.ones((n,), bool)
+    everyone = jnp.ones((n,), bool) if on is None else on   # offline nodes neither train nor send
 
     def local(carry, _):
       params, opt_state, steps = carry
@@ -167,14 +182,27 @@ def make(cfg: Config, task, protocol: SyncProtocol) -> engine_lib.Engine:
     (params, opt_state, steps), losses = jax.lax.scan(
         local, (state.params, state.opt_state, state.steps), None, length=h)
     payload, wrap_state = send(params, hyper.key, state.rounds[0], everyone, state.wrap)
+    sent, lost, loss = jnp.sum(w > 0, dtype=jnp.int32), jnp.zeros((), jnp.int32), losses.mean()
+    if on is not None:   # a message to an offline node is lost; what does not arrive counts as the own value
+      arrived = (w > 0) & on[src] & on[dst]
+      sent = jnp.sum((w > 0) & on[src], dtype=jnp.int32)
+      lost = sent - jnp.sum(arrived, dtype=jnp.int32)
+      self_w = self_w + jax.ops.segment_sum(jnp.where(arrived, 0.0, w), dst, num_segments=n)
+      w = jnp.where(arrived, w, 0.0)
+      loss = jnp.sum(jnp.where(on, losses, 0.0)) / jnp.maximum(1, h * jnp.sum(on))
     mixed, over = sync_wrap.gossip(wrap, state.params, params, payload, src, dst, w, self_w, hyper.key,
                                    state.rounds[0])
+    if on is not None:
+      mixed = jnp.where(on[:, None], mixed, state.params)
     return state._replace(params=mixed, opt_state=opt_state, steps=steps, rounds=state.rounds + 1,
-                          sent=state.sent + jnp.sum(w > 0, dtype=jnp.int32), overflow=state.overflow + over,
-                          wrap=wrap_state), losses.mean()
+                          sent=state.sent + sent, overflow=state.overflow + over, lost=state.lost + lost,
+                          wrap=wrap_state), loss
 
-  def server_round(state: SyncState, hyper: engine_lib.Params, cohort):
+  def server_round(state: SyncState, hyper: engine_lib.Params, cohort, on):
     member = jnp.zeros((n,), bool).at[cohort].set(True)
+    ok = None if on is None else on[cohort]   # the server contacts the online members only
+    if on is not None:
+      member = member & on
 
     def local(carry, _):
       params, opt_state, steps = carry
@@ -186,10 +214,13 @@ def make(cfg: Config, task, protocol: SyncProtocol) -> engine_lib.Engine:
         local, (state.params, state.opt_state, state.steps), None, length=h)
     payload, wrap_state = send(params, hyper.key, state.rounds[0], member, state.wrap)
     w = sizes[cohort] / jnp.sum(sizes[cohort])
-    global_ = sync_wrap.server(wrap, state.params[cohort], payload[cohort], w)
-    return state._replace(params=jnp.broadcast_to(global_, params.shape), opt_state=opt_state,
-                          steps=steps, rounds=state.rounds + 1, sent=state.sent + 2 * cohort.shape[0],
-                          wrap=wrap_state), losses.sum() / (h * cohort.shape[0])
+    global_ = sync_wrap.server(wrap, state.params[cohort], payload[cohort], w, ok)
+    new = jnp.broadcast_to(global_, params.shape)
+    taken = cohort.shape[0] if ok is None else jnp.sum(ok, dtype=jnp.int32)
+    if ok is not None:   # nobody online: the global model stays
+      new = jnp.where(taken > 0, new, state.params)
+    return state._replace(params=new, opt_state=opt_state, steps=steps, rounds=state.rounds + 1,
+                          sent=state.sent + 2 * taken, wrap=wrap_state), losses.sum() / (h * jnp.maximum(taken, 1))
 
   def send(params, run_key, round_, senders, wrap_state):
     """What the nodes upload this round: their models, or what the wrappers make of them."""
@@ -202,11 +233,12 @@ def make(cfg: Config, task, protocol: SyncProtocol) -> engine_lib.Engine:
     target_us = (state.tick + length) * dt_us
 
     def next_round(s):
+      on = churn.online_at(hyper.availability, s.time_us)   # who takes part: online at the round's start
       if protocol.cohort is not None:
         cohort = protocol.cohort(k_mix(hyper.key), s.rounds[0])
-        return cohort, server_round_duration(hyper.links, cohort)
+        return (cohort, on), server_round_duration(hyper.links, cohort, on)
       mix = protocol.mixing(k_mix(hyper.key), s.rounds[0])
-      return mix, round_duration(hyper.links, *mix[:3])
+      return (mix, on), round_duration(hyper.links, *mix[:3], on)
 
     def fits(carry):
       s, _, _ = carry
@@ -217,7 +249,7 @@ def make(cfg: Config, task, protocol: SyncProtocol) -> engine_lib.Engine:
       s, loss_sum, count = carry
       mix, dur = next_round(s)
       run = server_round if protocol.cohort is not None else one_round
-      s, loss = run(s, hyper, mix)
+      s, loss = run(s, hyper, *mix)
       return s._replace(time_us=s.time_us + dur), loss_sum + loss, count + 1
 
     state, loss_sum, count = jax.lax.while_loop(

@@ -68,7 +68,7 @@ def make(cfg, n_params: int, protocol) -> SyncWrap:
   if comp.kind != "none":
     alg = compression.with_compression(alg, comp.kind, fraction=comp.fraction, levels=comp.levels,
                                        error_feedback=comp.error_feedback)
-  if byzantine.ids(cfg).size:
+  if byzantine.ids(cfg).size and cfg.byzantine.attack != "crash":   # a crash is churn's (divjax.churn)
     alg = byzantine.with_byzantine(alg, byzantine.mask(cfg), cfg.byzantine.attack, cfg.byzantine.scale,
                                    cfg.byzantine.z, False)
   n, p = cfg.n_nodes, n_params
@@ -146,37 +146,47 @@ def gossip(wrap: SyncWrap, start, x, payload, src, dst, w, self_w, run_key, roun
   return _robust(wrap, x, vals, valid, start), jnp.sum(live & ~kept, dtype=jnp.int32)
 
 
-def server(wrap: SyncWrap, start, uploads, weights):
+def server(wrap: SyncWrap, start, uploads, weights, ok=None):
   """FedAvg's new global model (P,) from the cohort's uploads (C, P), NaN filled from `start`
-  (C, P), the models the clients started from; weights (C,) by training-set size."""
+  (C, P), the models the clients started from; weights (C,) by training-set size; ok (C,):
+  which members took part (churn; None: all), the others left out and the weights renormalized."""
   if wrap.sparse:
     uploads = jnp.where(jnp.isnan(uploads), start, uploads)
+  valid = jnp.ones(uploads.shape[:1], bool)
+  if ok is not None:
+    weights = jnp.where(ok, weights, 0.0)
+    weights = weights / jnp.maximum(jnp.sum(weights), 1e-30)
+    order = jnp.argsort(~ok, stable=True)          # the members that took part first, in cohort order
+    start, uploads, weights, valid = start[order], uploads[order], weights[order], ok[order]
   if wrap.rule is None:
     return jnp.sum(weights[:, None] * uploads, axis=0)
+  sent = jnp.sum(weights[:, None] * start, axis=0)       # the model the server sent
   if wrap.rule == "self_centered_clip":
-    sent = jnp.sum(weights[:, None] * start, axis=0)     # the model the server sent
     own, vals = sent, uploads
   else:                                                 # the rule over the C uploads themselves
-    own, vals = uploads[0], uploads[1:]
-  center = jnp.sum(weights[:, None] * start, axis=0)
-  valid = jnp.ones((1, vals.shape[0]), bool)
-  return _robust(wrap, own[None], vals[None], valid, center[None])[0]
+    own, vals, valid = uploads[0], uploads[1:], valid[1:]
+  return _robust(wrap, own[None], vals[None], valid[None], sent[None])[0]
 
 
 # ---- the same, plainly, for the reference simulator (numpy, one receiver at a time)
 
 
-def reference_gossip(wrap: SyncWrap, start, x, payload, src, dst, w, self_w, run_key, round_):
+def reference_gossip(wrap: SyncWrap, start, x, payload, src, dst, w, self_w, run_key, round_, arrived=None):
+  """gossip for the reference; arrived (E,): which copies reached their receiver (churn), the
+  weight of one that did not going to the receiver's own value."""
   n = x.shape[0]
+  arrived = w > 0 if arrived is None else arrived
   if wrap.rule is None:
     mixed = self_w[:, None].astype(np.float32) * x
-    for s, d, we in zip(src.tolist(), dst.tolist(), w.tolist()):
-      mixed[d] += np.float32(we) * np.where(np.isnan(payload[s]), x[d], payload[s])
+    for e, (s, d, we) in enumerate(zip(src.tolist(), dst.tolist(), w.tolist())):
+      got = np.where(np.isnan(payload[s]), x[d], payload[s]) if arrived[e] else x[d]
+      mixed[d] += np.float32(we) * got
     return mixed.astype(np.float32), 0
   prio = np.asarray(priorities(run_key, round_, src.shape[0]))
   out, overflow = np.empty_like(x), 0
   for d in range(n):
-    edges = sorted((e for e in range(src.shape[0]) if dst[e] == d and w[e] > 0), key=lambda e: (prio[e], e))
+    edges = sorted((e for e in range(src.shape[0]) if dst[e] == d and w[e] > 0 and arrived[e]),
+                   key=lambda e: (prio[e], e))
     overflow += max(0, len(edges) - wrap.inbox)
     values = np.stack([x[d]] + [payload[src[e]] for e in edges[:wrap.inbox]]).astype(np.float32)
     out[d] = robust.reference_rule(wrap.rule, values, start[d], wrap.trim, wrap.tau, wrap.iters)

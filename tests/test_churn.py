@@ -66,7 +66,6 @@ def test_cli_refuses_a_bad_trace_with_exit_2(tmp_path):
     (["churn.mean_online_s=1"], "mean_offline_s"),
     (["churn.mean_online_s=1", "churn.mean_offline_s=1", "churn.trace=x.csv"], "trace"),
     (["churn.mean_online_s=0", "churn.mean_offline_s=1"], "churn.mean_online_s"),
-    (["algorithm=dpsgd", "churn.mean_online_s=1", "churn.mean_offline_s=1"], "churn.mean_online_s"),
 ])
 def test_bad_churn_settings_are_refused_naming_the_key(sets, key):
   with pytest.raises(ConfigError, match=key):

@@ -123,7 +123,6 @@ def test_engine_matches_reference_with_compression(alg, kind, case, extra):
     (["compression.kind=qsgd", "compression.levels=0"], "compression.levels"),
     (["compression.kind=gzip"], "compression.kind"),
     (["algorithm=sgp", "compression.kind=top_k"], "compression.kind"),
-    (["algorithm=el", "compression.kind=top_k"], "compression.kind"),
 ])
 def test_bad_compression_settings_are_refused_naming_the_key(sets, key):
   with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
