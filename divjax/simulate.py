@@ -116,7 +116,9 @@ def evaluate(sim: Simulation, state) -> dict:
       "consensus": float(_consensus(whole)),
   }
   av = getattr(sim.params, "availability", None)
-  if av is not None:  # churn: the share of nodes online in their current round
+  if isinstance(av, churn.Intervals):  # synchronous: the share online when the next round starts
+    rec["online_fraction"] = float(jnp.mean(churn.online_at(av, jnp.asarray(sharding.to_host(state.time_us)))))
+  elif av is not None:  # churn: the share of nodes online in their current round
     rounds = jnp.asarray(sharding.to_host(state.rounds))
     rec["online_fraction"] = float(jnp.mean(churn.online_in(av, jnp.arange(rounds.shape[0]), rounds)))
   byz = byzantine.mask(sim.cfg)
