@@ -81,7 +81,7 @@ def _check_wrappers(cfg: Config) -> None:
   """The byzantine, aggregation and compression sections wrap any algorithm's messages
   (divjax.byzantine, divjax.robust, divjax.compression; divjax.sync_wrap for the synchronous
   ones); on an asynchronous algorithm a robust rule and compression replace a uniform mean.
-  Time-varying bandwidth is for the asynchronous engine."""
+  """
   default = Config()
   sync = algorithms.PROPERTIES[cfg.algorithm].synchronous
   if sync:
@@ -107,9 +107,6 @@ def _check_wrappers(cfg: Config) -> None:
 def _check_sync_wrappers(cfg: Config, default: Config) -> None:
   """What a synchronous round (divjax.sync_wrap) cannot express, refused naming the key."""
   a = cfg.algorithm
-  if cfg.network.bandwidth != default.network.bandwidth:
-    raise ConfigError(f"network.bandwidth: time-varying rates are for the asynchronous engine; algorithm "
-                      f"{a!r} is synchronous: leave the section out")
   if cfg.byzantine.per_recipient:
     raise ConfigError(f"byzantine.per_recipient: algorithm {a!r} is synchronous and sends one payload per "
                       f"round to all its receivers: leave it false")

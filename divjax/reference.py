@@ -419,8 +419,10 @@ def simulate_sync(cfg: Config, task, protocol, n_ticks: int, run_key: Optional[j
     t, alone = 0, {}
     for i in cohort:                      # the server sends the model to one client after another
       t += down
-      up = network_lib.one_service_us(bits, net.upload_bps[i])
-      alone[i] = t + lat[i] + compute[i] + up + lat[i]  # its upload, if alone
+      ready = t + lat[i] + compute[i]     # its upload is queued, at the rates of that moment
+      rate = net.upload_bps[i] if net.upload_bps_t is None else net.upload_bps_t[i, network_lib.block_of(
+          net, (now + ready) // dt)]
+      alone[i] = ready + network_lib.one_service_us(bits, rate) + lat[i]  # its upload, if alone
     busy = 0 if cohort else min(compute)  # nobody online: the round lasts the fastest node's steps
     for i in sorted(cohort, key=lambda i: (alone[i], i)):  # the server link takes one per into_server
       busy = max(busy + into_server, alone[i])
@@ -446,7 +448,8 @@ def simulate_sync(cfg: Config, task, protocol, n_ticks: int, run_key: Optional[j
     for s, d, we in zip(src.tolist(), dst.tolist(), w.tolist()):
       if we <= 0 or not on[s]:            # an offline node sends nothing
         continue
-      busy[s] += network_lib.one_service_us(bits, network_lib.link_rate_bps(net, s, d))
+      rate = network_lib.link_rate_bps(net, s, d, (now + compute[s]) // dt)   # queued after its H steps
+      busy[s] += network_lib.one_service_us(bits, rate)
       finish = max(finish, busy[s] + (int(net.latency_us[s]) + int(net.latency_us[d])) // 2)
     if now + finish > horizon:
       break

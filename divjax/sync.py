@@ -117,13 +117,19 @@ def make(cfg: Config, task, protocol: SyncProtocol) -> engine_lib.Engine:
     ticks = h * lk.period
     return jnp.where(ticks > _TIME_LIMIT_US // dt_us, _TIME_LIMIT_US, ticks * dt_us)
 
-  def round_duration(lk, src, dst, w, on):
-    """Exact barrier time of one round (microseconds, saturating at the time limit); with
-    churn, of the nodes online (`on`), and at least the fastest node's H steps."""
+  def block_at(t0, t):
+    """The rate block (divjax.bandwidth) of time t after the round's start t0, or None (fixed rates)."""
+    return None if net.upload_bps_t is None else add(t0, t) // dt_us // net.block_ticks
+
+  def round_duration(lk, src, dst, w, on, t0):
+    """Exact barrier time of one round starting at t0 (microseconds, saturating at the time
+    limit); with churn, of the nodes online (`on`), and at least the fastest node's H steps.
+    With time-varying rates a message is served at those of the block where its sender's
+    H steps end (it enters the queue then)."""
     service_of = lambda *a: tb.narrow(network_lib.service(lk, *a), _TIME_LIMIT_US)
     lat_us, compute = lk.latency_us, compute_us(lk)
     live = w > 0 if on is None else (w > 0) & on[src]
-    svc = jnp.where(live, service_of(src, dst, jnp.zeros_like(src)), 0)
+    svc = jnp.where(live, service_of(src, dst, jnp.zeros_like(src), block_at(t0, compute[src])), 0)
     order = jnp.argsort(src, stable=True)           # each sender serves its edges in list order
     s_src, s_svc = src[order], svc[order]
     first = jnp.concatenate([jnp.array([True]), s_src[1:] != s_src[:-1]])
@@ -141,18 +147,23 @@ def make(cfg: Config, task, protocol: SyncProtocol) -> engine_lib.Engine:
   in_svc = host_svc(np.array([server.download_mbps * 1e6]))[0]
   sizes = jnp.asarray(task.counts, jnp.float32)                                          # (N,)
 
-  def server_round_duration(lk, cohort, on):
+  def server_round_duration(lk, cohort, on, t0):
     """Exact FedAvg round time (microseconds): serial downloads, training, serial uploads;
     with churn, of the cohort's online members (`on`), and at least the fastest node's H steps."""
     to_server_lat = (server_lat + lk.latency_us) // 2                                    # (N,)
-    up_svc = tb.narrow(lk.up, _TIME_LIMIT_US)[:, 0]                                       # (N,)
+    up_svc = None if net.upload_bps_t is not None else tb.narrow(lk.up, _TIME_LIMIT_US)[:, 0]   # (N,)
     compute = compute_us(lk)
     ok = None if on is None else on[cohort]
     first_svc = down_svc[cohort] if ok is None else jnp.where(ok, down_svc[cohort], 0)
     down = tb.sat_segmented_cumsum(first_svc, jnp.arange(cohort.shape[0]) == 0, _TIME_LIMIT_US)
     arrive = add(down, to_server_lat[cohort])                               # client has the model
-    # its upload, alone, would be done then
-    alone = add(add(add(arrive, compute[cohort]), up_svc[cohort]), to_server_lat[cohort])
+    ready = add(arrive, compute[cohort])                                    # its upload is queued
+    if net.upload_bps_t is not None:   # at the rates of that block (divjax.bandwidth)
+      block = jnp.minimum(block_at(t0, ready), lk.up.hi.shape[1] - 1)
+      up = tb.narrow(tb.gather(lk.up, cohort, block, jnp.zeros_like(cohort)), _TIME_LIMIT_US)
+    else:
+      up = up_svc[cohort]
+    alone = add(add(ready, up), to_server_lat[cohort])                     # done then, if alone
     order = jnp.lexsort((cohort, alone))
 
     def serve(busy, k):
@@ -236,9 +247,9 @@ def make(cfg: Config, task, protocol: SyncProtocol) -> engine_lib.Engine:
       on = churn.online_at(hyper.availability, s.time_us)   # who takes part: online at the round's start
       if protocol.cohort is not None:
         cohort = protocol.cohort(k_mix(hyper.key), s.rounds[0])
-        return (cohort, on), server_round_duration(hyper.links, cohort, on)
+        return (cohort, on), server_round_duration(hyper.links, cohort, on, s.time_us)
       mix = protocol.mixing(k_mix(hyper.key), s.rounds[0])
-      return (mix, on), round_duration(hyper.links, *mix[:3], on)
+      return (mix, on), round_duration(hyper.links, *mix[:3], on, s.time_us)
 
     def fits(carry):
       s, _, _ = carry

@@ -76,7 +76,6 @@ def test_bad_traces_are_refused_naming_the_key(tmp_path, text, what):
 @pytest.mark.parametrize("sets, key", [
     (["network.bandwidth.random_walk=0"], "random_walk"),
     (["network.bandwidth.random_walk=1", "network.bandwidth.trace=x.csv"], "trace"),
-    (["algorithm=dpsgd", "network.bandwidth.random_walk=1"], "network.bandwidth"),
 ])
 def test_bad_bandwidth_settings_are_refused(sets, key):
   with pytest.raises(ConfigError, match=key):
