@@ -107,9 +107,9 @@ def _check_wrappers(cfg: Config) -> None:
 def _check_sync_wrappers(cfg: Config, default: Config) -> None:
   """What a synchronous round (divjax.sync_wrap) cannot express, refused naming the key."""
   a = cfg.algorithm
-  if cfg.byzantine.per_recipient:
-    raise ConfigError(f"byzantine.per_recipient: algorithm {a!r} is synchronous and sends one payload per "
-                      f"round to all its receivers: leave it false")
+  if cfg.byzantine.per_recipient and algorithms.PROPERTIES[a].uses_server:
+    raise ConfigError(f"byzantine.per_recipient: algorithm {a!r}'s clients send to the server only: "
+                      f"leave it false")
   if cfg.aggregation.inbox is not None and (cfg.aggregation.rule == "mean" or algorithms.PROPERTIES[a].uses_server):
     raise ConfigError(f"aggregation.inbox: bounds the copies a robust rule reads; algorithm {a!r} "
                       + ("has a server that reads every upload" if algorithms.PROPERTIES[a].uses_server else

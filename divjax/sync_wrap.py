@@ -52,6 +52,8 @@ class SyncWrap(NamedTuple):
   init: Callable
   reference_init: Callable
   payload_bits: int
+  received: Optional[Callable] = None          # what each receiver gets instead: (got (E, P), src, dst, round, run key)
+  reference_received: Optional[Callable] = None   # the same for one copy: (payload (P,), src, dst, round, run key)
   sparse: bool = False     # payloads may leave coordinates out (NaN)
   rule: Optional[str] = None
   inbox: int = 0
@@ -70,7 +72,7 @@ def make(cfg, n_params: int, protocol) -> SyncWrap:
                                        error_feedback=comp.error_feedback)
   if byzantine.ids(cfg).size and cfg.byzantine.attack != "crash":   # a crash is churn's (divjax.churn)
     alg = byzantine.with_byzantine(alg, byzantine.mask(cfg), cfg.byzantine.attack, cfg.byzantine.scale,
-                                   cfg.byzantine.z, False)
+                                   cfg.byzantine.z, cfg.byzantine.per_recipient)
   n, p = cfg.n_nodes, n_params
   dims, real, coords = Dims(n, 1, p, 0), jnp.ones((1, p), bool), [np.arange(p)]
   send = ref_send = None
@@ -85,12 +87,25 @@ def make(cfg, n_params: int, protocol) -> SyncWrap:
 
   agg = cfg.aggregation
   rule = None if agg.rule == "mean" else agg.rule
-  return SyncWrap(send=send, reference_send=ref_send,
+  received = ref_received = None
+  if alg.received is not None:   # per-recipient payloads (byzantine.per_recipient)
+    def received(got, src, dst, round_, run_key):
+      zero = jnp.zeros_like(src)
+      return alg.received(got, src, dst, zero, jnp.full_like(src, round_), k_received(run_key))
+
+    def ref_received(payload, src, dst, round_, run_key):
+      return alg.reference_received(payload, src, dst, 0, round_, k_received(run_key), p)
+
+  return SyncWrap(send=send, reference_send=ref_send, received=received, reference_received=ref_received,
                   init=lambda x0: alg.init(x0[:, None, :], dims),
                   reference_init=lambda x0: alg.reference_init(x0),
                   payload_bits=int(alg.payload_bits(np.array([p]))[0]),
                   sparse=comp.kind in ("top_k", "random_k"), rule=rule, inbox=inbox_size(cfg, protocol) if rule else 0,
                   trim=agg.trim, tau=agg.clip_tau, iters=agg.clip_iters)
+
+
+def k_received(run_key):
+  return sampling.stream(run_key, sampling.STREAM_RECEIVED)
 
 
 def inbox_size(cfg, protocol) -> int:
@@ -130,8 +145,11 @@ def _robust(wrap: SyncWrap, x, vals, valid, center):
 def gossip(wrap: SyncWrap, start, x, payload, src, dst, w, self_w, run_key, round_):
   """D-PSGD / EL mixing of one round: (new params (N, P), copies overflowed ())."""
   n = x.shape[0]
+  got = payload[src]
+  if wrap.received is not None:
+    got = wrap.received(got, src, dst, round_, run_key)
   if wrap.rule is None:
-    got = jnp.where(jnp.isnan(payload[src]), x[dst], payload[src]) if wrap.sparse else payload[src]
+    got = jnp.where(jnp.isnan(got), x[dst], got) if wrap.sparse else got
     return self_w[:, None] * x + jax.ops.segment_sum(w[:, None] * got, dst, num_segments=n), jnp.zeros((), jnp.int32)
   live = w > 0
   order = jnp.lexsort((priorities(run_key, round_, src.shape[0]), jnp.where(live, dst, n)))
@@ -141,7 +159,7 @@ def gossip(wrap: SyncWrap, start, x, payload, src, dst, w, self_w, run_key, roun
   rank = jnp.zeros_like(pos).at[order].set(pos - jax.lax.cummax(jnp.where(first, pos, 0)))
   kept = live & (rank < wrap.inbox)
   row, col = jnp.where(kept, dst, n), jnp.where(kept, rank, 0)
-  vals = jnp.zeros((n + 1, wrap.inbox, x.shape[1]), x.dtype).at[row, col].set(payload[src])[:n]
+  vals = jnp.zeros((n + 1, wrap.inbox, x.shape[1]), x.dtype).at[row, col].set(got)[:n]
   valid = jnp.zeros((n + 1, wrap.inbox), bool).at[row, col].set(True)[:n]
   return _robust(wrap, x, vals, valid, start), jnp.sum(live & ~kept, dtype=jnp.int32)
 
@@ -176,10 +194,17 @@ def reference_gossip(wrap: SyncWrap, start, x, payload, src, dst, w, self_w, run
   weight of one that did not going to the receiver's own value."""
   n = x.shape[0]
   arrived = w > 0 if arrived is None else arrived
+
+  def copy(e):
+    """The payload edge e's receiver gets."""
+    if wrap.reference_received is None:
+      return payload[src[e]]
+    return wrap.reference_received(payload[src[e]], int(src[e]), int(dst[e]), round_, run_key)
+
   if wrap.rule is None:
     mixed = self_w[:, None].astype(np.float32) * x
     for e, (s, d, we) in enumerate(zip(src.tolist(), dst.tolist(), w.tolist())):
-      got = np.where(np.isnan(payload[s]), x[d], payload[s]) if arrived[e] else x[d]
+      got = np.where(np.isnan(copy(e)), x[d], copy(e)) if arrived[e] else x[d]
       mixed[d] += np.float32(we) * got
     return mixed.astype(np.float32), 0
   prio = np.asarray(priorities(run_key, round_, src.shape[0]))
@@ -188,7 +213,7 @@ def reference_gossip(wrap: SyncWrap, start, x, payload, src, dst, w, self_w, run
     edges = sorted((e for e in range(src.shape[0]) if dst[e] == d and w[e] > 0 and arrived[e]),
                    key=lambda e: (prio[e], e))
     overflow += max(0, len(edges) - wrap.inbox)
-    values = np.stack([x[d]] + [payload[src[e]] for e in edges[:wrap.inbox]]).astype(np.float32)
+    values = np.stack([x[d]] + [copy(e) for e in edges[:wrap.inbox]]).astype(np.float32)
     out[d] = robust.reference_rule(wrap.rule, values, start[d], wrap.trim, wrap.tau, wrap.iters)
   return out.astype(np.float32), overflow
 
