@@ -359,6 +359,14 @@ def due_copies(st: Static, s: State, p: Params, busy):
         msgs.dst, msgs.fate, msgs.tick, msgs.done, rep, msgs.slot_tick, t, dt_us=st.dt_us,
         age_cap=st.age_cap, pairwise=st.pairwise)
     msgs = msgs._replace(fate=fate_table)
+    if st.alg.inbox is not None:  # push-pull: pings and replies share the K places of a fragment
+      over, over_rep = inbox_lib.overflow(
+          (ring_lib.Copies(due, rows, slots, msgs.dst, msgs.frag, None),
+           ring_lib.Copies(due_rep, msgs.dst, rep.slot, rows, jnp.zeros_like(rows), None)),
+          s.nodes.rounds, inbox_lib.seed(p.key), st.f, st.alg.inbox)
+      msgs = msgs._replace(fate=jnp.where(over, fates.OVERFLOW, msgs.fate))
+      rep = rep._replace(fate=jnp.where(over_rep, fates.OVERFLOW, rep.fate))
+      due, due_rep = due & ~over, due_rep & ~over_rep
   else:
     due = (msgs.fate == fates.DELIVERED) & (msgs.tick == t)
     if st.alg.inbox is not None:  # at most K copies per (receiver, fragment): the rest overflow

@@ -56,13 +56,18 @@ def ranks(bucket, prio, src, live, n_buckets: int):
 
 
 def overflow(copies, rounds, seed_u32, n_frags: int, k: int):
-  """(N, D, M) bool: the due records beyond the K kept per (receiver, fragment)."""
-  c = copies
+  """(N, D, M) bool: the due records beyond the K kept per (receiver, fragment). `copies` may
+  be a tuple of Copies (pushes and AD-PSGD's replies), ranked together: then a tuple of masks."""
+  single = hasattr(copies, "due")   # one Copies (itself a NamedTuple), or a tuple of them
+  group = (copies,) if single else copies
   n = rounds.shape[0]
-  flat = lambda a: a.reshape(-1)
-  prio = priority(seed_u32, flat(c.dst), rounds[flat(c.dst)], flat(c.frag), flat(c.src))
-  r = ranks(flat(c.dst) * n_frags + flat(c.frag), prio, flat(c.src), flat(c.due), n * n_frags)
-  return (flat(c.due) & (r >= k)).reshape(c.due.shape)
+  cat = lambda field: jnp.concatenate([getattr(c, field).reshape(-1) for c in group])
+  dst, frag, src, due = cat("dst"), cat("frag"), cat("src"), cat("due")
+  prio = priority(seed_u32, dst, rounds[dst], frag, src)
+  over = due & (ranks(dst * n_frags + frag, prio, src, due, n * n_frags) >= k)
+  sizes = np.cumsum([c.due.size for c in group])[:-1]
+  out = tuple(o.reshape(c.due.shape) for o, c in zip(jnp.split(over, sizes), group))
+  return out[0] if single else out
 
 
 def gather(ring, copies: tuple, k: int, received=None):

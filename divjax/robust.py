@@ -116,9 +116,9 @@ def with_robust_aggregation(alg: AsyncAlgorithm, rule: str, k: int, *, trim: int
   copies per fragment."""
   if rule not in RULES:
     raise ValueError(f"aggregation.rule: must be mean or one of {', '.join(RULES)} (got {rule!r})")
-  if alg.aggregate not in MEANS or alg.replies is not None:
+  if alg.aggregate not in MEANS or (alg.replies is not None and alg.replies.pairwise):
     raise ValueError(f"aggregation.rule: {rule} replaces a uniform mean over received copies; algorithm "
-                     f"{alg.name!r} has its own rule or replies (use divshare, swift)")
+                     f"{alg.name!r} has its own rule or pairwise exchanges (use divshare, swift, adpsgd)")
   centered = rule == "centered_clip"
   # state: (the algorithm's, the centers of centered clipping: the last aggregate, or nothing)
   alg = lift(alg, (lambda x0, dims: x0) if centered else (lambda x0, dims: ()),

@@ -189,6 +189,9 @@ AGREEMENT = [
     ("divshare", "gaussian", "self_centered_clip", "both-stragglers", ["byzantine.per_recipient=true"]),
     pytest.param("adpsgd", "gaussian", "mean", "comm-stragglers", ["byzantine.per_recipient=true", "recipients=4"],
                  marks=pytest.mark.slow),
+    # push-pull AD-PSGD: pings and replies share the inbox (K = 4 < the copies due: overflow)
+    ("adpsgd", "sign_flip", "median", "comm-stragglers", ["recipients=4", "aggregation.inbox=4"]),
+    pytest.param("adpsgd", "alie", "trimmed_mean", "both-stragglers", ["recipients=2"], marks=pytest.mark.slow),
 ]
 
 
@@ -200,7 +203,7 @@ def test_engine_matches_reference_with_byzantine_nodes(alg, attack, rule, case, 
     sets += ["byzantine.fraction=0.34", f"byzantine.attack={attack}"]
   state, ref_params, ref_counts = run_both(tiny_config(*sets), n_ticks=48)
   assert ref_counts["msgs_delivered"] > 0
-  if "aggregation.inbox=2" in extra:
+  if "aggregation.inbox=2" in extra or "aggregation.inbox=4" in extra:
     assert ref_counts["msgs_overflow"] > 0
   assert_agree(state, ref_params, ref_counts)
 
@@ -225,7 +228,7 @@ def test_crashed_nodes_fall_silent_and_the_engine_matches_the_reference():
     (["aggregation.inbox=1"], "aggregation.inbox"),
     (["aggregation.rule=max"], "aggregation.rule"),
     (["algorithm=sgp", "aggregation.rule=median"], "aggregation.rule"),
-    (["algorithm=adpsgd", "aggregation.rule=median"], "aggregation.rule"),
+    (["algorithm=adpsgd_pairwise", "aggregation.rule=median"], "aggregation.rule"),
     (["byzantine.fraction=0.2", "byzantine.per_recipient=true"], "per_recipient"),       # sign_flip
     (["algorithm=swift_original", "topology=regular", "byzantine.fraction=0.2", "byzantine.attack=gaussian",
       "byzantine.per_recipient=true"], "byzantine.per_recipient"),

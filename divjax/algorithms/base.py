@@ -135,8 +135,9 @@ class AsyncAlgorithm(NamedTuple):
   def check(self) -> None:
     if self.replies is not None and (self.queue.flush or self.fragments != 1):
       raise ValueError(f"algorithm {self.name}: replies need whole models (fragments = 1) and no flush")
-    if self.inbox is not None and self.replies is not None:
-      raise ValueError(f"algorithm {self.name}: a bounded inbox needs an algorithm without replies")
+    if self.inbox is not None and self.replies is not None and self.replies.pairwise:
+      raise ValueError(f"aggregation.inbox: algorithm {self.name}'s pairwise exchanges average two models, "
+                       f"not an inbox of copies: leave the aggregation section out")
 
 
 def lift(alg: AsyncAlgorithm, init: Callable, reference_init: Callable) -> AsyncAlgorithm:
