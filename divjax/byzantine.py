@@ -124,7 +124,34 @@ def with_byzantine(alg: AsyncAlgorithm, byz: np.ndarray, attack: str, scale: Opt
       return x, state
     return inner_ref(i, np.concatenate([models[:i], x[None], models[i + 1:]]), coords, key, round_, state)
 
-  return alg._replace(snapshot=snapshot, reference_snapshot=reference_snapshot)
+  def exchanged(p, node, partner, round_, key):
+    """What `node` gives its partner in a pairwise exchange: the attack from the live models."""
+    x = p[node]
+    if attack == "sign_flip":
+      bad = -s * x
+    elif attack == "gaussian":
+      bad = x + s * _recipient_noise(key, node, partner, round_, 0, x.shape[0])
+    else:
+      h = jnp.asarray(honest)[:, None]
+      mu = jnp.sum(jnp.where(h, p, 0.0), 0) / honest.sum()
+      sigma = jnp.sqrt(jnp.sum(jnp.where(h, (p - mu) ** 2, 0.0), 0) / honest.sum())
+      bad = mu - z * sigma if attack == "alie" else -s * mu
+    return jnp.where(jnp.asarray(byz)[node], bad, x)
+
+  def reference_exchanged(models, node, partner, round_, key):
+    x = models[node]
+    if not byz[node]:
+      return x
+    if attack == "sign_flip":
+      return -np.float32(s) * x
+    if attack == "gaussian":
+      return x + np.float32(s) * np.asarray(_recipient_noise(key, node, partner, round_, 0, x.size))
+    good = models[honest].astype(np.float64)
+    mu, sigma = good.mean(0), good.std(0)
+    return (mu - z * sigma if attack == "alie" else -s * mu).astype(np.float32)
+
+  return alg._replace(snapshot=snapshot, reference_snapshot=reference_snapshot, exchanged=exchanged,
+                      reference_exchanged=reference_exchanged)
 
 
 def _per_recipient(alg: AsyncAlgorithm, byz: np.ndarray, s: float) -> AsyncAlgorithm:

@@ -91,9 +91,13 @@ def with_compression(alg: AsyncAlgorithm, kind: str, *, fraction: float = 0.01, 
   """`alg`, whose rule must be the uniform mean, sending compressed payloads."""
   if kind not in KINDS:
     raise ValueError(f"compression.kind: must be none or one of {', '.join(KINDS)} (got {kind!r})")
-  if alg.aggregate is not uniform_mean:
-    raise ValueError(f"compression.kind: compressed copies are averaged per coordinate, which replaces a "
-                     f"uniform mean; algorithm {alg.name!r} has its own rule (use divshare, swift, adpsgd)")
+  if alg.aggregate is uniform_mean:
+    rule = (per_coordinate_mean, reference_per_coordinate_mean)
+  elif alg.sparse_rule is not None:
+    rule = alg.sparse_rule
+  else:
+    raise ValueError(f"compression.kind: algorithm {alg.name!r}'s rule cannot read copies that hold only some "
+                     f"coordinates ({SPARSE_REFUSED.get(alg.name, 'it has no per-coordinate version')})")
   inner, inner_ref = alg.snapshot, alg.reference_snapshot   # composed after this wrapper's own
   # state: (the algorithm's, r: each coordinate's value when last sent (top_k) or the rounding
   # error carried to the next round (qsgd))
@@ -164,11 +168,32 @@ def with_compression(alg: AsyncAlgorithm, kind: str, *, fraction: float = 0.01, 
     sent, inner_state = inner_ref(i, models, coords, key, round_, state[0])
     return sent, (inner_state, mine)
 
-  return alg._replace(snapshot=snapshot, reference_snapshot=reference_snapshot, aggregate=per_coordinate_mean,
-                      reference_aggregate=lift_reference(reference_per_coordinate_mean),
+  aggregate, reference_aggregate = lift_rule(*rule)
+  return alg._replace(snapshot=snapshot, reference_snapshot=reference_snapshot, aggregate=aggregate,
+                      reference_aggregate=reference_aggregate,
                       payload_bits=lambda sizes: payload_bits(kind, sizes, fraction, levels))
 
 
-def lift_reference(fn):
-  """A stateless reference rule over a lifted state."""
-  return lambda i, own, received, state: (fn(i, own, received, None)[0], state)
+def lift_rule(aggregate, reference_aggregate):
+  """An algorithm's rule (reading its own state) over the state lifted by this wrapper; the
+  per-coordinate mean stays the same function, which robust rules recognize (robust.MEANS)."""
+  if aggregate is per_coordinate_mean:
+    return per_coordinate_mean, lambda i, own, received, state: (
+        reference_per_coordinate_mean(i, own, received, None)[0], state)
+
+  def lifted(x, inbox, state):
+    x, inner = aggregate(x, inbox, state[0])
+    return x, (inner, state[1])
+
+  def reference_lifted(i, own, received, state):
+    own, inner = reference_aggregate(i, own, received, state[0])
+    return own, (inner, state[1])
+
+  return lifted, reference_lifted
+
+
+# Why an algorithm's rule has no per-coordinate version.
+SPARSE_REFUSED = {
+    "sgp": "push-sum divides by the received mass, which a partial copy does not carry per coordinate",
+    "adpsgd_pairwise": "its exchanges average two live models, not payloads",
+}

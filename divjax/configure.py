@@ -86,10 +86,10 @@ def _check_wrappers(cfg: Config) -> None:
   sync = algorithms.PROPERTIES[cfg.algorithm].synchronous
   if sync:
     _check_sync_wrappers(cfg, default)
-  if cfg.byzantine.per_recipient and cfg.algorithm in ("swift_original", "adpsgd_pairwise"):
-    # they read stored copies or exchange whole models, not payloads through the inbox
-    raise ConfigError(f"byzantine.per_recipient: algorithm {cfg.algorithm!r} does not read payloads through "
-                      f"the inbox; use divshare, swift, adpsgd, sgp or divshare_age")
+  if cfg.byzantine.per_recipient and cfg.algorithm == "adpsgd_pairwise":
+    # its exchanges average two live models: no payload is read
+    raise ConfigError(f"byzantine.per_recipient: algorithm {cfg.algorithm!r} averages two live models per "
+                      f"exchange and reads no payload; use any other algorithm")
   if cfg.network.bandwidth != default.network.bandwidth and cfg.network.bandwidth.trace is not None:
     from divjax import bandwidth  # noqa: PLC0415
     bandwidth.read_trace(cfg.network.bandwidth.trace, cfg.n_nodes)   # refused here, naming the key

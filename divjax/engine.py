@@ -428,7 +428,9 @@ def end_rounds(st: Static, s: State, p: Params, ends) -> State:
   params = s.nodes.params
   if st.pairwise:
     params = replies_lib.exchange(params, msgs.dst, rep, msgs.slot_tick, t, used[0].due,
-                                  lat_us=p.links.latency_us, dt_us=st.dt_us, age_cap=st.age_cap)
+                                  lat_us=p.links.latency_us, dt_us=st.dt_us, age_cap=st.age_cap,
+                                  exchanged=st.alg.exchanged, rounds=s.nodes.rounds,
+                                  key=sampling.stream(p.key, sampling.STREAM_RECEIVED))
   x = x_own if not st.pairwise else fragments_lib.to_layout(params, frags)
   k = s.nodes.rounds % st.depth                                                               # (N,)
   sent, alg_state, received = wrapper_hooks(st, s, p, x_own, acting)

@@ -261,8 +261,15 @@ class _Sim:
         self.age_count += 1
     for msg in node.exchanges:  # AD-PSGD: both models become their average, atomically
       other = self.nodes[msg.src]
-      mean = ((node.params + other.params) / np.float32(2)).astype(np.float32)
-      node.params, other.params = mean, mean.copy()
+      if self.alg.reference_exchanged is None:
+        mean = ((node.params + other.params) / np.float32(2)).astype(np.float32)
+        node.params, other.params = mean, mean.copy()
+      else:  # Byzantine partners give their attack instead, from the live models
+        models = np.stack([nd.params for nd in self.nodes])
+        give_i = self.alg.reference_exchanged(models, i, msg.src, node.rounds, self.k_received)
+        give_o = self.alg.reference_exchanged(models, msg.src, i, node.rounds, self.k_received)
+        node.params, other.params = (((node.params + give_o) / np.float32(2)).astype(np.float32),
+                                     ((other.params + give_i) / np.float32(2)).astype(np.float32))
       msg.status = "delivered"
       self.counts["delivered"] += 1
       self.age_sum += (now - msg.send_time) // self.dt

@@ -132,11 +132,13 @@ def newest_only(msg_dst, msg_fate, msg_tick, msg_done, replies: Replies, slot_ti
 
 
 def exchange(params, msg_dst, replies: Replies, slot_tick, t, due_pong, *, lat_us, dt_us: int,
-             age_cap: int):
+             age_cap: int, exchanged=None, rounds=None, key=None):
   """Atomic pairwise averages (original AD-PSGD) of the exchanges completed now.
 
   x_i, x_j <- (x_i + x_j) / 2 for each due reply, one exchange after the other, by pinger,
   then reply arrival (as the reference processes them): two rows updated in place, O(P) each.
+  With `exchanged` (AsyncAlgorithm.exchanged: Byzantine nodes) each side averages its own
+  model with what the other gives, from the models as they are at that exchange.
   """
   n, d, m = msg_dst.shape
   rows = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None, None], (n, d, m))
@@ -149,7 +151,10 @@ def exchange(params, msg_dst, replies: Replies, slot_tick, t, due_pong, *, lat_u
 
   def one(k, p):
     a, b = pinger[k], replier[k]
-    mean = (p[a] + p[b]) / 2.0
-    return p.at[a].set(mean).at[b].set(mean)
+    if exchanged is None:
+      mean = (p[a] + p[b]) / 2.0
+      return p.at[a].set(mean).at[b].set(mean)
+    give_a, give_b = exchanged(p, a, b, rounds[a], key), exchanged(p, b, a, rounds[a], key)
+    return p.at[a].set((p[a] + give_b) / 2.0).at[b].set((p[b] + give_a) / 2.0)
 
   return jax.lax.fori_loop(0, jnp.sum(due_pong), one, params)

@@ -116,26 +116,33 @@ def with_robust_aggregation(alg: AsyncAlgorithm, rule: str, k: int, *, trim: int
   copies per fragment."""
   if rule not in RULES:
     raise ValueError(f"aggregation.rule: must be mean or one of {', '.join(RULES)} (got {rule!r})")
-  if alg.aggregate not in MEANS or (alg.replies is not None and alg.replies.pairwise):
+  if (alg.aggregate not in MEANS and not alg.averages_copies) or (alg.replies is not None and alg.replies.pairwise):
     raise ValueError(f"aggregation.rule: {rule} replaces a uniform mean over received copies; algorithm "
-                     f"{alg.name!r} has its own rule or pairwise exchanges (use divshare, swift, adpsgd)")
+                     f"{alg.name!r} has its own rule or pairwise exchanges (use divshare, divshare_age, swift, adpsgd)")
   centered = rule == "centered_clip"
+  copies, ref_copies = alg.copies, alg.reference_copies
   # state: (the algorithm's, the centers of centered clipping: the last aggregate, or nothing)
   alg = lift(alg, (lambda x0, dims: x0) if centered else (lambda x0, dims: ()),
              (lambda x0: x0.astype(np.float32).copy()) if centered else (lambda x0: None))
 
   def aggregate(x, inbox, state):
-    vals, valid = inbox.gather(k)
+    if copies is None:
+      (vals, valid), inner = inbox.gather(k), state[0]
+    else:   # the copies the algorithm combines (e.g. stored ones), and its state after reading them
+      vals, valid, inner = copies(x, inbox, state[0])
     if rule == "median":
-      return median(x, vals, valid), state
+      return median(x, vals, valid), (inner, state[1])
     if rule == "trimmed_mean":
-      return trimmed_mean(x, vals, valid, trim), state
+      return trimmed_mean(x, vals, valid, trim), (inner, state[1])
     if rule == "self_centered_clip":
-      return self_centered_clip(x, vals, valid, tau), state
+      return self_centered_clip(x, vals, valid, tau), (inner, state[1])
     out = centered_clip(x, vals, valid, state[1], tau, iters)
-    return out, (state[0], jnp.where(inbox.ends[:, None, None], out, state[1]))   # the next round's center
+    return out, (inner, jnp.where(inbox.ends[:, None, None], out, state[1]))   # the next round's center
 
   def reference_aggregate(i, own, received, state):
+    inner = state[0]
+    if ref_copies is not None:
+      received, inner = ref_copies(i, own, received, inner)
     out = own.astype(np.float32).copy()
     by_frag: dict = {}
     for c in received:
@@ -145,7 +152,7 @@ def with_robust_aggregation(alg: AsyncAlgorithm, rule: str, k: int, *, trim: int
       values = np.stack([own[coords]] + [c.payload for c in group]).astype(np.float32)
       center = state[1][coords] if centered else None
       out[coords] = reference_rule(rule, values, center, trim, tau, iters)
-    return out.astype(np.float32), ((state[0], out.copy()) if centered else state)
+    return out.astype(np.float32), ((inner, out.copy()) if centered else (inner, state[1]))
 
   return alg._replace(aggregate=aggregate, reference_aggregate=reference_aggregate, inbox=k)
 

@@ -192,6 +192,16 @@ AGREEMENT = [
     # push-pull AD-PSGD: pings and replies share the inbox (K = 4 < the copies due: overflow)
     ("adpsgd", "sign_flip", "median", "comm-stragglers", ["recipients=4", "aggregation.inbox=4"]),
     pytest.param("adpsgd", "alie", "trimmed_mean", "both-stragglers", ["recipients=2"], marks=pytest.mark.slow),
+    # Swift as published: the rule over the own model and the stored neighbour copies
+    ("swift_original", "sign_flip", "median", "comm-stragglers", ["topology=regular", "topology_degree=3"]),
+    pytest.param("swift_original", "gaussian", "centered_clip", "both-stragglers",
+                 ["topology=regular", "topology_degree=3", "byzantine.per_recipient=true"], marks=pytest.mark.slow),
+    pytest.param("divshare_age", "ipm", "self_centered_clip", "comm-stragglers", [], marks=pytest.mark.slow),
+    # AD-PSGD's atomic exchanges: an attacker gives its attack, from the live models, to each partner
+    ("adpsgd_pairwise", "alie", "mean", "comm-stragglers", []),
+    pytest.param("adpsgd_pairwise", "gaussian", "mean", "both-stragglers", [], marks=pytest.mark.slow),
+    pytest.param("adpsgd_pairwise", "sign_flip", "mean", "compute-stragglers-superseded", [], marks=pytest.mark.slow),
+    pytest.param("adpsgd_pairwise", "ipm", "mean", "comm-stragglers", [], marks=pytest.mark.slow),
 ]
 
 
@@ -230,7 +240,7 @@ def test_crashed_nodes_fall_silent_and_the_engine_matches_the_reference():
     (["algorithm=sgp", "aggregation.rule=median"], "aggregation.rule"),
     (["algorithm=adpsgd_pairwise", "aggregation.rule=median"], "aggregation.rule"),
     (["byzantine.fraction=0.2", "byzantine.per_recipient=true"], "per_recipient"),       # sign_flip
-    (["algorithm=swift_original", "topology=regular", "byzantine.fraction=0.2", "byzantine.attack=gaussian",
+    (["algorithm=adpsgd_pairwise", "byzantine.fraction=0.2", "byzantine.attack=gaussian",
       "byzantine.per_recipient=true"], "byzantine.per_recipient"),
 ])
 def test_bad_settings_are_refused_naming_the_key(sets, key):
@@ -255,3 +265,15 @@ def test_records_report_honest_and_byzantine_nodes_apart():
     assert rec[k] is not None
   assert simulate.headline(records) == "acc_mean_honest"
   assert rec["msgs_overflow"] == 0
+
+
+def test_an_attack_reaches_the_honest_partners_of_pairwise_exchanges():
+  """adpsgd_pairwise reads no payload: the attack acts where the exchange averages (it once
+  changed nothing there). The honest nodes end elsewhere than without attackers."""
+  base = ["algorithm=adpsgd_pairwise", "fragments=1", *CASES["comm-stragglers"]]
+  out = []
+  for extra in ([], ["byzantine.nodes=[0]", "byzantine.attack=sign_flip", "byzantine.scale=4"]):
+    sim = simulate.build(tiny_config(*base, *extra))
+    state = sim.engine.init(sim.run_key)
+    out.append(np.asarray(simulate.compile_chunk(sim, state, 48)(state, sim.params)[0].nodes.params)[1:])
+  assert np.abs(out[0] - out[1]).max() > 0.1

@@ -106,6 +106,15 @@ AGREEMENT = [
     pytest.param("divshare", "top_k", "both-stragglers",
                  ["compression.fraction=0.3", "aggregation.rule=median", "byzantine.fraction=0.34"],
                  marks=pytest.mark.slow),
+    # age-weighted DivShare: its own rule, per coordinate (AsyncAlgorithm.sparse_rule)
+    ("divshare_age", "top_k", "both-stragglers", ["fragments=2", "compression.fraction=0.3"]),
+    ("swift_original", "random_k", "comm-stragglers", ["topology=regular", "topology_degree=3",
+                                                       "compression.fraction=0.3"]),   # stored per coordinate
+    pytest.param("swift_original", "top_k", "both-stragglers",
+                 ["topology=regular", "topology_degree=3", "compression.fraction=0.3", "aggregation.rule=trimmed_mean",
+                  "byzantine.fraction=0.34", "byzantine.attack=alie"], marks=pytest.mark.slow),
+    pytest.param("divshare_age", "random_k", "comm-stragglers",
+                 ["fragments=2", "compression.fraction=0.4", "aggregation.rule=trimmed_mean"], marks=pytest.mark.slow),
 ]
 
 
@@ -123,6 +132,7 @@ def test_engine_matches_reference_with_compression(alg, kind, case, extra):
     (["compression.kind=qsgd", "compression.levels=0"], "compression.levels"),
     (["compression.kind=gzip"], "compression.kind"),
     (["algorithm=sgp", "compression.kind=top_k"], "compression.kind"),
+    (["algorithm=adpsgd_pairwise", "compression.kind=top_k"], "compression.kind"),
 ])
 def test_bad_compression_settings_are_refused_naming_the_key(sets, key):
   with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -113,6 +113,22 @@ class AsyncAlgorithm(NamedTuple):
       `gather`); key is the run's STREAM_RECEIVED stream. Wrappers: divjax.byzantine.
     reference_received: the same for one copy in numpy: (payload (len,), src, dst, frag,
       round, key, width L) -> payload.
+    sparse_rule: None, or (aggregate, reference_aggregate): the algorithm's own rule where a
+      copy may hold only some coordinates (NaN elsewhere: compressed payloads,
+      divjax.compression), for a rule other than the uniform mean (whose per-coordinate
+      version divjax.compression has).
+    averages_copies: the rule is a weighted average of the own model and the inbox's copies,
+      which a robust rule (divjax.robust) may replace; the uniform mean is one without saying.
+    copies: None (a robust rule reads the inbox's due copies, Inbox.gather), or the copies the
+      algorithm's rule combines instead: (x, inbox, state) -> (values (N, F, K, L), valid
+      (N, F, K), state), e.g. stored neighbour copies (swift_original).
+    reference_copies: the same for one node: (i, own, received, state_i) -> (list of
+      Received, state_i).
+    exchanged: None (a node gives its model), or what a node gives in a pairwise exchange
+      (original AD-PSGD, divjax.replies.exchange), from the live models: (params (N, P), node,
+      partner, the pinger's round, key) -> (P,); key is the run's STREAM_RECEIVED stream.
+      Wrappers: divjax.byzantine.
+    reference_exchanged: the same in numpy: (models (N, P), node, partner, round, key) -> (P,).
   """
   name: str
   fragments: int
@@ -131,6 +147,12 @@ class AsyncAlgorithm(NamedTuple):
   inbox: Optional[int] = None
   received: Optional[Callable] = None
   reference_received: Optional[Callable] = None
+  sparse_rule: Optional[tuple] = None
+  averages_copies: bool = False
+  copies: Optional[Callable] = None
+  reference_copies: Optional[Callable] = None
+  exchanged: Optional[Callable] = None
+  reference_exchanged: Optional[Callable] = None
 
   def check(self) -> None:
     if self.replies is not None and (self.queue.flush or self.fragments != 1):
@@ -146,6 +168,7 @@ def lift(alg: AsyncAlgorithm, init: Callable, reference_init: Callable) -> Async
   unchanged. A wrapper that keeps state lifts the algorithm, then replaces what it changes."""
   agg, ref_agg, ref_msg, snap, ref_snap = (alg.aggregate, alg.reference_aggregate, alg.reference_message,
                                            alg.snapshot, alg.reference_snapshot)
+  cop, ref_cop = alg.copies, alg.reference_copies
 
   def aggregate(x, inbox, state):
     x, inner = agg(x, inbox, state[0])
@@ -163,13 +186,22 @@ def lift(alg: AsyncAlgorithm, init: Callable, reference_init: Callable) -> Async
     sent, inner = ref_snap(i, models, coords, key, round_, state[0])
     return sent, (inner, state[1])
 
+  def copies(x, inbox, state):
+    vals, valid, inner = cop(x, inbox, state[0])
+    return vals, valid, (inner, state[1])
+
+  def reference_copies(i, own, received, state):
+    received, inner = ref_cop(i, own, received, state[0])
+    return received, (inner, state[1])
+
   return alg._replace(
       init=lambda x0, dims: (alg.init(x0, dims), init(x0, dims)),
       reference_init=lambda x0: (alg.reference_init(x0), reference_init(x0)),
       aggregate=aggregate, reference_aggregate=reference_aggregate,
       reference_message=lambda state: ref_msg(state[0]),
       snapshot=None if snap is None else snapshot,
-      reference_snapshot=None if ref_snap is None else reference_snapshot)
+      reference_snapshot=None if ref_snap is None else reference_snapshot,
+      copies=None if cop is None else copies, reference_copies=None if ref_cop is None else reference_copies)
 
 
 class SyncProtocol(NamedTuple):

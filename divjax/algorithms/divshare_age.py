@@ -34,13 +34,19 @@ def divshare_age(*, n_nodes: int, fragments: int, recipients: int, local_steps: 
   def reference_aggregate(i, own, received, state):
     total, norm = own.astype(np.float32).copy(), np.zeros_like(own)
     for c in received:
+      here = ~np.isnan(c.payload)   # compressed copies: the coordinates they hold
       w = weight(np.float32(c.age))
-      total[c.coords] += w * c.payload
-      norm[c.coords] += w
+      total[c.coords[here]] += w * c.payload[here]
+      norm[c.coords[here]] += w
     return (total / (np.float32(1.0) + norm)).astype(np.float32), state
 
+  def sparse_aggregate(x, inbox, state):   # the same, copies weighed where they hold a value
+    sums, weights = inbox.sum(lambda c: weight(c.age.astype(jnp.float32)), per_coordinate=True)
+    return (x + sums) / (1.0 + weights), state
+
   return divshare.divshare(n_nodes=n_nodes, fragments=fragments, recipients=recipients)._replace(
-      name="divshare_age", aggregate=aggregate, reference_aggregate=reference_aggregate)
+      name="divshare_age", aggregate=aggregate, reference_aggregate=reference_aggregate,
+      sparse_rule=(sparse_aggregate, reference_aggregate), averages_copies=True)
 
 
 def make(cfg) -> AsyncAlgorithm:

@@ -8,7 +8,9 @@ local steps (H = 1 is the original "average after every step"), node i
      the stored copy of a neighbour that sent nothing new (copies start as the common
      initial model);
   3. sets x_i <- (x_i + sum_k stored_ik) / (K + 1): uniform 1/(deg+1) weights.
-The stored copies are this algorithm's state; they cost N*K*P floats.
+The stored copies are this algorithm's state; they cost N*K*P floats. A compressed copy
+(divjax.compression) updates the stored one only at the coordinates it holds; a robust rule
+(divjax.robust) combines the own model and the K stored copies.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from divjax import topology
-from divjax.algorithms.base import AsyncAlgorithm, Properties, QueuePolicy
+from divjax.algorithms.base import AsyncAlgorithm, Properties, QueuePolicy, Received
 
 PROPERTIES = Properties(needs_graph=True, fixed_graph=True)
 
@@ -43,27 +45,51 @@ def swift_original(*, neighbours: np.ndarray) -> AsyncAlgorithm:
     # has not heard from yet
     return jnp.broadcast_to(x0[:, 0][:, None, :], (n, k, x0.shape[-1]))
 
-  def aggregate(x, inbox, store):
+  def stored(inbox, store):
+    """The stored copies after this round end's arrivals, (N, K, L)."""
     pushes = inbox.copies[0]
     # at most one due copy per (sender, receiver): newer copies supersede older ones
     due = pushes.due[table, :, fwd]                                                       # (N, K, D)
     slot = jnp.argmax(due, axis=-1)
-    store = jnp.where(due.any(-1)[..., None], inbox.ring[slot, table, 0].astype(store.dtype), store)
+    new = inbox.ring[slot, table, 0].astype(jnp.float32)
+    if inbox.received is not None:   # a per-recipient payload (divjax.byzantine)
+      rows = jnp.broadcast_to(jnp.arange(n)[:, None], table.shape)
+      new = inbox.received(new, table, rows, jnp.zeros_like(table))
+    # a compressed copy holds some coordinates only (NaN elsewhere)
+    return jnp.where(due.any(-1)[..., None] & ~jnp.isnan(new), new.astype(store.dtype), store)
+
+  def aggregate(x, inbox, store):
+    store = stored(inbox, store)
     return ((x[:, 0] + store.sum(axis=1)) / (1.0 + k))[:, None], store
 
-  def reference_aggregate(i, own, received, store):
+  def copies(x, inbox, store):
+    store = stored(inbox, store)
+    return store[:, None], jnp.ones((n, 1, k), bool), store
+
+  def reference_stored(i, received, store):
     store = list(store)
     for c in received:  # replace the stored copy of each neighbour that sent something
-      store[index[(i, c.src)]] = c.payload
+      j = index[(i, c.src)]
+      store[j] = np.where(np.isnan(c.payload), store[j], c.payload).astype(np.float32)
+    return store
+
+  def reference_aggregate(i, own, received, store):
+    store = reference_stored(i, received, store)
     total = own.astype(np.float32).copy()
     for copy in store:
       total += copy
     return (total / np.float32(1 + k)).astype(np.float32), store
 
+  def reference_copies(i, own, received, store):
+    store = reference_stored(i, received, store)
+    everything = np.arange(own.size)
+    return [Received(int(s), everything, c, 0) for s, c in zip(neighbours[i], store)], store
+
   return AsyncAlgorithm(name="swift_original", fragments=1, messages=k, plan=plan, aggregate=aggregate,
                         reference_aggregate=reference_aggregate, init=init,
                         reference_init=lambda x0: [x0.copy() for _ in range(k)],
-                        queue=QueuePolicy(flush=False))
+                        queue=QueuePolicy(flush=False), sparse_rule=(aggregate, reference_aggregate),
+                        averages_copies=True, copies=copies, reference_copies=reference_copies)
 
 
 def make(cfg) -> AsyncAlgorithm:
