@@ -45,8 +45,8 @@ WRAPS = {   # name: overrides
     "gaussian-per-recipient": BYZ + ["byzantine.attack=gaussian", "byzantine.per_recipient=true",
                                      "aggregation.rule=median"],
 }
-# Each wrapper on D-PSGD with stragglers, the others on EL and FedAvg (the rest: -m slow).
-DEFAULT = {("dpsgd-ring", w) for w in WRAPS} | {
+# Every wrapper once with stragglers, on D-PSGD, EL, EL-Oracle or FedAvg (the rest: -m slow).
+DEFAULT = {("dpsgd-ring", w) for w in ("sign_flip-median", "top_k", "random_k-median", "qsgd-sign_flip")} | {
     ("el", "alie-trimmed"), ("el", "top_k"), ("fedavg-cohort", "sign_flip-median"), ("fedavg-cohort", "top_k"),
     ("fedavg-cohort", "gaussian-scc"), ("el_oracle", "ipm-cc"), ("el", "gaussian-per-recipient")}
 
@@ -177,8 +177,10 @@ def test_sync_engine_matches_reference_with_time_varying_rates(algo, extra):
   client's upload); round times follow, the same in the engine and the reference."""
   cfg = tiny_config(*ALGOS[algo], *CASES["comm-stragglers"], *extra, "duration_s=0.6")
   sim, state, ref_params, ref = run_both(cfg)
-  fixed = run_both(tiny_config(*ALGOS[algo], *CASES["comm-stragglers"], *extra[2:], "duration_s=0.6"))[3]
-  assert ref["time_us"] != fixed["time_us"] or ref["rounds"][0] != fixed["rounds"][0]
+  fixed = simulate.build(tiny_config(*ALGOS[algo], *CASES["comm-stragglers"], *extra[2:], "duration_s=0.6"))
+  fixed_state = fixed.engine.init(fixed.run_key)
+  fixed_state, _ = simulate.compile_chunk(fixed, fixed_state, N_TICKS)(fixed_state, fixed.params)
+  assert int(state.time_us) != int(fixed_state.time_us) or int(state.rounds[0]) != int(fixed_state.rounds[0])
   assert_agree(sim, state, ref_params, ref)
 
 
