@@ -20,6 +20,12 @@ def run_both(cfg, n_ticks=N_TICKS):
   return sim, state, ref_params, ref
 
 
+def engine_state(cfg, n_ticks=N_TICKS):
+  sim = simulate.build(cfg)
+  state = sim.engine.init(sim.run_key)
+  return simulate.compile_chunk(sim, state, n_ticks)(state, sim.params)[0]
+
+
 def assert_agree(sim, state, ref_params, ref):
   assert ref["rounds"][0] >= 2
   assert int(state.time_us) == ref["time_us"]
@@ -47,8 +53,8 @@ WRAPS = {   # name: overrides
 }
 # Every wrapper once with stragglers, on D-PSGD, EL, EL-Oracle or FedAvg (the rest: -m slow).
 DEFAULT = {("dpsgd-ring", w) for w in ("sign_flip-median", "top_k", "random_k-median", "qsgd-sign_flip")} | {
-    ("el", "alie-trimmed"), ("el", "top_k"), ("fedavg-cohort", "sign_flip-median"), ("fedavg-cohort", "top_k"),
-    ("fedavg-cohort", "gaussian-scc"), ("el_oracle", "ipm-cc"), ("el", "gaussian-per-recipient")}
+    ("el", "alie-trimmed"), ("fedavg-cohort", "sign_flip-median"), ("fedavg-cohort", "top_k"),
+    ("el_oracle", "ipm-cc"), ("el", "gaussian-per-recipient")}
 
 
 @pytest.mark.parametrize("algo, wrap", [
@@ -102,32 +108,37 @@ def test_compressed_uploads_make_rounds_shorter():
 def test_identity_settings_leave_the_run_unchanged():
   """top-k with k = P sends the model dense: the same run as without compression."""
   base = ["algorithm=dpsgd", "topology=ring", "duration_s=0.6"]
-  _, plain, _, _ = run_both(tiny_config(*base))
-  _, full, _, _ = run_both(tiny_config(*base, "compression.kind=random_k", "compression.fraction=1"))
+  plain, full = (engine_state(tiny_config(*base, *extra))
+                 for extra in ([], ["compression.kind=random_k", "compression.fraction=1"]))
   np.testing.assert_array_equal(np.asarray(plain.params), np.asarray(full.params))
   assert int(plain.time_us) == int(full.time_us)
 
 
-def engine_params(cfg, n_ticks=N_TICKS):
-  sim = simulate.build(cfg)
-  state = sim.engine.init(sim.run_key)
-  return np.asarray(simulate.compile_chunk(sim, state, n_ticks)(state, sim.params)[0].params)
-
-
 def test_median_and_trimmed_mean_survive_a_sign_flip_minority_that_breaks_the_mean():
-  """D-PSGD on a complete graph, 2 of 8 nodes sending -4 x: the honest models move as far as
-  they are from the origin under the mean, several times less under the robust rules (each
-  compared with the same rule without attackers)."""
-  base = ["algorithm=dpsgd", "topology=complete", "n_nodes=8", "duration_s=0.6", "aggregation.trim=2"]
-  attack = ["byzantine.nodes=[0,1]", "byzantine.attack=sign_flip", "byzantine.scale=4"]
-  honest = np.arange(2, 8)
+  """One D-PSGD mixing on a complete graph of 8, 2 nodes sending -4 x: the honest nodes' mean
+  moves as far as the models are from the origin, the median and trimmed mean stay within the
+  honest models' spread (BENCHMARKS.md has the same on the quickstart, with accuracy)."""
+  import jax
+  import jax.numpy as jnp
+  from divjax import sync_wrap
+  n, p = 8, 50
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(1.0 + 0.1 * rng.normal(size=(n, p)), jnp.float32)
+  payload = x.at[:2].set(-4 * x[:2])
+  src, dst = (jnp.asarray(a) for a in np.nonzero(~np.eye(n, dtype=bool)))
+  w, self_w = jnp.full(src.shape, 1 / n), jnp.full((n,), 1 / n)
+  honest = np.arange(2, n)
+  spread = float(jnp.max(x[2:]) - jnp.min(x[2:]))
   moved = {}
   for rule in ("mean", "median", "trimmed_mean"):
-    clean = engine_params(tiny_config(*base, f"aggregation.rule={rule}"))[honest]
-    attacked = engine_params(tiny_config(*base, *attack, f"aggregation.rule={rule}"))[honest]
-    moved[rule] = np.linalg.norm(attacked - clean) / np.linalg.norm(clean)
-  assert moved["mean"] > 0.5
-  assert moved["median"] < moved["mean"] / 4 and moved["trimmed_mean"] < moved["mean"] / 4
+    cfg = tiny_config("algorithm=dpsgd", "topology=complete", f"n_nodes={n}", f"aggregation.rule={rule}",
+                      "aggregation.trim=2")
+    wrap = sync_wrap.make(cfg, p, algorithms.make(cfg))
+    mixed, over = sync_wrap.gossip(wrap, x, x, payload, src, dst, w, self_w, jax.random.key(0), 0)
+    assert int(over) == 0
+    moved[rule] = float(jnp.max(jnp.abs(mixed[honest] - jnp.mean(x[honest], axis=0))))
+  assert moved["mean"] > 1.0
+  assert moved["median"] < spread and moved["trimmed_mean"] < spread
 
 
 CHURN = ["churn.mean_online_s=0.2", "churn.mean_offline_s=0.2"]
