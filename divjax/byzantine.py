@@ -131,11 +131,13 @@ def with_byzantine(alg: AsyncAlgorithm, byz: np.ndarray, attack: str, scale: Opt
       bad = -s * x
     elif attack == "gaussian":
       bad = x + s * _recipient_noise(key, node, partner, round_, 0, x.shape[0])
-    else:
-      h = jnp.asarray(honest)[:, None]
-      mu = jnp.sum(jnp.where(h, p, 0.0), 0) / honest.sum()
-      sigma = jnp.sqrt(jnp.sum(jnp.where(h, (p - mu) ** 2, 0.0), 0) / honest.sum())
-      bad = mu - z * sigma if attack == "alie" else -s * mu
+    else:   # the honest statistics, O(N P): only when `node` is an attacker
+      def statistics(p):
+        h = jnp.asarray(honest)[:, None]
+        mu = jnp.sum(jnp.where(h, p, 0.0), 0) / honest.sum()
+        sigma = jnp.sqrt(jnp.sum(jnp.where(h, (p - mu) ** 2, 0.0), 0) / honest.sum())
+        return mu - z * sigma if attack == "alie" else -s * mu
+      return jax.lax.cond(jnp.asarray(byz)[node], statistics, lambda p: p[node], p)
     return jnp.where(jnp.asarray(byz)[node], bad, x)
 
   def reference_exchanged(models, node, partner, round_, key):

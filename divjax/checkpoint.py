@@ -227,6 +227,7 @@ _ADDED = {
     "fresh_x": lambda shape, dtype: np.zeros(shape, dtype),
     "fresh_slot": lambda shape, dtype: np.full(shape, -1, dtype),
     "overflow": lambda shape, dtype: np.zeros(shape, dtype),   # synchronous runs' robust inbox
+    "lost": lambda shape, dtype: np.zeros(shape, dtype),       # synchronous runs' churn
 }
 
 # Arrays that grew: the fate counts gained OVERFLOW (divjax.inbox), zero in an older checkpoint.

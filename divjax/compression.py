@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from divjax import robust, sampling
+from divjax.algorithms import base
 from divjax.algorithms.base import AsyncAlgorithm, lift, uniform_mean
 
 KINDS = ("top_k", "random_k", "qsgd")
@@ -180,16 +181,7 @@ def lift_rule(aggregate, reference_aggregate):
   if aggregate is per_coordinate_mean:
     return per_coordinate_mean, lambda i, own, received, state: (
         reference_per_coordinate_mean(i, own, received, None)[0], state)
-
-  def lifted(x, inbox, state):
-    x, inner = aggregate(x, inbox, state[0])
-    return x, (inner, state[1])
-
-  def reference_lifted(i, own, received, state):
-    own, inner = reference_aggregate(i, own, received, state[0])
-    return own, (inner, state[1])
-
-  return lifted, reference_lifted
+  return base.lift_rule(aggregate), base.lift_reference_rule(reference_aggregate)
 
 
 # Why an algorithm's rule has no per-coordinate version.

@@ -201,7 +201,7 @@ class ByzantineConfig(_Strict):
 
 
 class ChurnConfig(_Strict):
-  """Nodes going offline and coming back (divjax.churn), for asynchronous algorithms: an
+  """Nodes going offline and coming back (divjax.churn; synchronous algorithms: divjax.sync): an
   exponential on/off process per node (mean_online_s and mean_offline_s, both),
   or `trace`, a CSV file of offline intervals `node,start_s,end_s`. A node is offline in a
   round if it is offline when the round starts; it then neither trains, sends nor receives,
@@ -221,8 +221,8 @@ class ChurnConfig(_Strict):
 
 
 class CompressionConfig(_Strict):
-  """Compressed messages (divjax.compression), over algorithms that average copies uniformly
-  (divshare, swift, adpsgd). kind: none; top_k (per fragment, the `fraction` of coordinates
+  """Compressed messages (divjax.compression; divjax.sync_wrap for the synchronous algorithms),
+  over every algorithm but sgp and adpsgd_pairwise. kind: none; top_k (per fragment, the `fraction` of coordinates
   that changed most since last sent); random_k (a random `fraction` of them); qsgd (every
   coordinate rounded to `levels` levels of the fragment's norm). error_feedback: top_k's
   change accumulates over unsent coordinates (else: this round's change only); qsgd's
@@ -243,7 +243,9 @@ class AggregationConfig(_Strict):
     self_centered_clip   x + mean(clip(y - x, clip_tau)) around the own model (He et al. 2022)
   clip(z, tau) = z min(1, tau / ||z||), the norm over one fragment's coordinates.
   inbox: at most this many copies per fragment reach an aggregation (the rest end as
-  `overflow`); robust rules need one (None: 4 x recipients), the mean may use one."""
+  `overflow`); robust rules need one (None: 4 x recipients; N - 1 for swift_original; a
+  synchronous algorithm's largest in-degree, 4 x recipients for EL-Local, FedAvg's cohort), the
+  mean may use one (asynchronous algorithms only)."""
   rule: Literal["mean", "median", "trimmed_mean", "centered_clip", "self_centered_clip"] = "mean"
   inbox: Optional[int] = Field(None, ge=1)
   trim: int = Field(1, ge=0)

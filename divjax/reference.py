@@ -475,7 +475,7 @@ def simulate_sync(cfg: Config, task, protocol, n_ticks: int, run_key: Optional[j
     rounds += 1
     now += finish
 
-  out = {"msgs_sent": int(sent), "msgs_delivered": int(sent - overflow - lost), "msgs_superseded": 0,
+  out = {"msgs_sent": int(sent), "msgs_delivered": int(sent - lost), "msgs_superseded": 0,
          "msgs_overflow": int(overflow), "msgs_lost": int(lost),
          "msgs_flushed": 0, "msgs_expired": 0, "msgs_in_flight": 0, "age_sum": 0, "age_count": 0,
          "steps": steps, "rounds": np.full(n, rounds), "time_us": now}

@@ -81,6 +81,18 @@ def centered_clip(x, vals, valid, center, tau: float, iters: int):
   return jnp.where(m > 1, v, x)  # a coordinate with no copy keeps the own value
 
 
+def apply(rule: str, x, vals, valid, center, trim: int, tau: float, iters: int):
+  """`rule` over own values x (N, F, L) and copies vals (N, F, K, L), valid (N, F, K);
+  center (N, F, L): centered clipping's start (unused by the others)."""
+  if rule == "median":
+    return median(x, vals, valid)
+  if rule == "trimmed_mean":
+    return trimmed_mean(x, vals, valid, trim)
+  if rule == "self_centered_clip":
+    return self_centered_clip(x, vals, valid, tau)
+  return centered_clip(x, vals, valid, center, tau, iters)
+
+
 # ---- the same rules, one node, one fragment, numpy: values (m, len), own first; NaN: not sent
 
 
@@ -130,13 +142,9 @@ def with_robust_aggregation(alg: AsyncAlgorithm, rule: str, k: int, *, trim: int
       (vals, valid), inner = inbox.gather(k), state[0]
     else:   # the copies the algorithm combines (e.g. stored ones), and its state after reading them
       vals, valid, inner = copies(x, inbox, state[0])
-    if rule == "median":
-      return median(x, vals, valid), (inner, state[1])
-    if rule == "trimmed_mean":
-      return trimmed_mean(x, vals, valid, trim), (inner, state[1])
-    if rule == "self_centered_clip":
-      return self_centered_clip(x, vals, valid, tau), (inner, state[1])
-    out = centered_clip(x, vals, valid, state[1], tau, iters)
+    out = apply(rule, x, vals, valid, state[1] if centered else None, trim, tau, iters)
+    if not centered:
+      return out, (inner, state[1])
     return out, (inner, jnp.where(inbox.ends[:, None, None], out, state[1]))   # the next round's center
 
   def reference_aggregate(i, own, received, state):

@@ -24,8 +24,8 @@ the server would send them next, so per-node evaluation measures the global mode
 
 What is sent and how it is combined can be wrapped (Byzantine attacks, compression, robust
 rules: divjax.sync_wrap). Churn (divjax.churn): a node offline when a round starts sits the
-round out: it neither trains nor sends, a message to it is LOST and its weight goes to the
-receiver's own model, and the barrier waits for the online nodes only (at least the fastest
+round out: it neither trains, sends nor mixes, a message to it is LOST, an online receiver
+gives the weight of a copy that did not come to its own model, and the barrier waits for the online nodes only (at least the fastest
 node's H steps, so time moves on when nobody is online); FedAvg's server contacts only the
 cohort's online members and renormalizes their weights.
 """
@@ -81,11 +81,11 @@ def node_axes(state: SyncState):
 
 
 def message_counts(state: SyncState) -> dict:
-  """Every message sent is delivered within its round, but those a robust rule's full inbox
-  could not take: int32 scalars, jittable."""
+  """Every message sent is delivered within its round (those a robust rule's full inbox could
+  not take among them, as OVERFLOW), but those to offline nodes (LOST): int32 scalars, jittable."""
   sent, zero = jnp.asarray(state.sent, jnp.int32), jnp.zeros((), jnp.int32)
   over, lost = jnp.asarray(state.overflow, jnp.int32), jnp.asarray(state.lost, jnp.int32)
-  return {"msgs_sent": sent, "msgs_delivered": sent - over - lost, "msgs_superseded": zero, "msgs_overflow": over,
+  return {"msgs_sent": sent, "msgs_delivered": sent - lost, "msgs_superseded": zero, "msgs_overflow": over,
           "msgs_lost": lost,
           "msgs_flushed": zero,
           "msgs_expired": zero, "msgs_in_flight": zero}

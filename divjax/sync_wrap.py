@@ -7,9 +7,11 @@ post-training model, as one fragment of P coordinates.
   what is sent   Byzantine nodes send their attack, every payload is compressed, exactly as an
                  asynchronous node's snapshot at a round end (the wrappers' own `snapshot`
                  functions, over an (N, 1, P) layout; error feedback and top-k memory are kept
-                 per node and change only for the nodes that send: all of them in D-PSGD and
-                 EL, the cohort in FedAvg). Message size: the compressed payload's bits, so
-                 round times follow.
+                 per node and change only for the nodes that send: the online ones in D-PSGD
+                 and EL, the cohort's in FedAvg, so a client's top-k compares against what it
+                 last uploaded, rounds ago if it is rarely sampled). ALIE's and IPM's honest
+                 statistics are over every honest node's current model, senders or not.
+                 Message size: the compressed payload's bits, so round times follow.
   a coordinate   not sent (sparsified payloads) counts as the receiver's own value in D-PSGD
                  and EL, so the mixing weights stay as the protocol gives them (row sums 1); in
                  FedAvg as the value the client started the round from (the global model it
@@ -22,7 +24,8 @@ post-training model, as one fragment of P coordinates.
                  round, 4 J for EL-Local whose in-degrees vary). centered_clip iterates from the
                  receiver's model at the start of the round: its last aggregate.
                  FedAvg's server applies the rule to the cohort's C uploads (self-centered
-                 clipping: around the model it sent), uniformly instead of by training-set size.
+                 clipping: around the model it sent, which counts as one of C + 1 values),
+                 uniformly instead of by training-set size.
 """
 
 from __future__ import annotations
@@ -130,16 +133,8 @@ def priorities(run_key, round_, n_edges: int):
 
 def _robust(wrap: SyncWrap, x, vals, valid, center):
   """wrap.rule on (N, P) own values and (N, K, P) copies, valid (N, K): divjax.robust's rules."""
-  x3, v4, ok, c3 = x[:, None], vals[:, None], valid[:, None], center[:, None]
-  if wrap.rule == "median":
-    out = robust.median(x3, v4, ok)
-  elif wrap.rule == "trimmed_mean":
-    out = robust.trimmed_mean(x3, v4, ok, wrap.trim)
-  elif wrap.rule == "self_centered_clip":
-    out = robust.self_centered_clip(x3, v4, ok, wrap.tau)
-  else:
-    out = robust.centered_clip(x3, v4, ok, c3, wrap.tau, wrap.iters)
-  return out[:, 0]
+  return robust.apply(wrap.rule, x[:, None], vals[:, None], valid[:, None], center[:, None], wrap.trim,
+                      wrap.tau, wrap.iters)[:, 0]
 
 
 def gossip(wrap: SyncWrap, start, x, payload, src, dst, w, self_w, run_key, round_):
@@ -204,7 +199,9 @@ def reference_gossip(wrap: SyncWrap, start, x, payload, src, dst, w, self_w, run
   if wrap.rule is None:
     mixed = self_w[:, None].astype(np.float32) * x
     for e, (s, d, we) in enumerate(zip(src.tolist(), dst.tolist(), w.tolist())):
-      got = np.where(np.isnan(copy(e)), x[d], copy(e)) if arrived[e] else x[d]
+      got = copy(e) if arrived[e] else x[d]
+      if wrap.sparse:   # a coordinate not sent: the receiver's own value
+        got = np.where(np.isnan(got), x[d], got)
       mixed[d] += np.float32(we) * got
     return mixed.astype(np.float32), 0
   prio = np.asarray(priorities(run_key, round_, src.shape[0]))
@@ -219,7 +216,8 @@ def reference_gossip(wrap: SyncWrap, start, x, payload, src, dst, w, self_w, run
 
 
 def reference_server(wrap: SyncWrap, start, uploads, weights):
-  uploads = np.where(np.isnan(uploads), start, uploads).astype(np.float32)
+  if wrap.sparse:
+    uploads = np.where(np.isnan(uploads), start, uploads).astype(np.float32)
   sent = np.zeros(uploads.shape[1], np.float32)
   for wk, s in zip(weights, start):
     sent += np.float32(wk) * s

@@ -59,5 +59,9 @@ def make(cfg):
 
 
 def inbox_size(cfg) -> int:
-  """K, copies per (receiver, fragment) an aggregation reads: aggregation.inbox, by default 4 J."""
-  return cfg.aggregation.inbox if cfg.aggregation.inbox is not None else 4 * cfg.recipients
+  """K, copies per (receiver, fragment) an aggregation reads: aggregation.inbox, by default 4 J;
+  for an algorithm whose peers do not come from `recipients` (swift_original's graph) N - 1,
+  the most distinct senders, so that nothing overflows unless asked."""
+  if cfg.aggregation.inbox is not None:
+    return cfg.aggregation.inbox
+  return 4 * cfg.recipients if PROPERTIES[cfg.algorithm].uses_recipients else cfg.n_nodes - 1

@@ -168,15 +168,7 @@ def lift(alg: AsyncAlgorithm, init: Callable, reference_init: Callable) -> Async
   unchanged. A wrapper that keeps state lifts the algorithm, then replaces what it changes."""
   agg, ref_agg, ref_msg, snap, ref_snap = (alg.aggregate, alg.reference_aggregate, alg.reference_message,
                                            alg.snapshot, alg.reference_snapshot)
-  cop, ref_cop = alg.copies, alg.reference_copies
-
-  def aggregate(x, inbox, state):
-    x, inner = agg(x, inbox, state[0])
-    return x, (inner, state[1])
-
-  def reference_aggregate(i, own, received, state):
-    own, inner = ref_agg(i, own, received, state[0])
-    return own, (inner, state[1])
+  cop, ref_cop, sparse = alg.copies, alg.reference_copies, alg.sparse_rule
 
   def snapshot(x, real, key, rounds, ends, state):
     sent, inner = snap(x, real, key, rounds, ends, state[0])
@@ -197,11 +189,27 @@ def lift(alg: AsyncAlgorithm, init: Callable, reference_init: Callable) -> Async
   return alg._replace(
       init=lambda x0, dims: (alg.init(x0, dims), init(x0, dims)),
       reference_init=lambda x0: (alg.reference_init(x0), reference_init(x0)),
-      aggregate=aggregate, reference_aggregate=reference_aggregate,
+      aggregate=lift_rule(agg), reference_aggregate=lift_reference_rule(ref_agg),
       reference_message=lambda state: ref_msg(state[0]),
       snapshot=None if snap is None else snapshot,
       reference_snapshot=None if ref_snap is None else reference_snapshot,
-      copies=None if cop is None else copies, reference_copies=None if ref_cop is None else reference_copies)
+      copies=None if cop is None else copies, reference_copies=None if ref_cop is None else reference_copies,
+      sparse_rule=None if sparse is None else (lift_rule(sparse[0]), lift_reference_rule(sparse[1])))
+
+
+def lift_rule(aggregate):
+  """A rule reading the first part of a lifted state (see `lift`)."""
+  def lifted(x, inbox, state):
+    x, inner = aggregate(x, inbox, state[0])
+    return x, (inner, state[1])
+  return lifted
+
+
+def lift_reference_rule(reference_aggregate):
+  def lifted(i, own, received, state):
+    own, inner = reference_aggregate(i, own, received, state[0])
+    return own, (inner, state[1])
+  return lifted
 
 
 class SyncProtocol(NamedTuple):

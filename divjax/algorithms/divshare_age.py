@@ -31,14 +31,20 @@ def divshare_age(*, n_nodes: int, fragments: int, recipients: int, local_steps: 
     sums, weights = inbox.sum(lambda c: weight(c.age.astype(jnp.float32)))
     return (x + sums) / (1.0 + weights)[..., None], state
 
-  def reference_aggregate(i, own, received, state):
+  def reference_rule(i, own, received, state, sparse=False):
     total, norm = own.astype(np.float32).copy(), np.zeros_like(own)
     for c in received:
-      here = ~np.isnan(c.payload)   # compressed copies: the coordinates they hold
+      here = ~np.isnan(c.payload) if sparse else np.ones(c.payload.shape, bool)   # compressed: what it holds
       w = weight(np.float32(c.age))
       total[c.coords[here]] += w * c.payload[here]
       norm[c.coords[here]] += w
     return (total / (np.float32(1.0) + norm)).astype(np.float32), state
+
+  def reference_aggregate(i, own, received, state):
+    return reference_rule(i, own, received, state)
+
+  def reference_sparse(i, own, received, state):
+    return reference_rule(i, own, received, state, sparse=True)
 
   def sparse_aggregate(x, inbox, state):   # the same, copies weighed where they hold a value
     sums, weights = inbox.sum(lambda c: weight(c.age.astype(jnp.float32)), per_coordinate=True)
@@ -46,7 +52,7 @@ def divshare_age(*, n_nodes: int, fragments: int, recipients: int, local_steps: 
 
   return divshare.divshare(n_nodes=n_nodes, fragments=fragments, recipients=recipients)._replace(
       name="divshare_age", aggregate=aggregate, reference_aggregate=reference_aggregate,
-      sparse_rule=(sparse_aggregate, reference_aggregate), averages_copies=True)
+      sparse_rule=(sparse_aggregate, reference_sparse), averages_copies=True)
 
 
 def make(cfg) -> AsyncAlgorithm:

@@ -45,8 +45,9 @@ def swift_original(*, neighbours: np.ndarray) -> AsyncAlgorithm:
     # has not heard from yet
     return jnp.broadcast_to(x0[:, 0][:, None, :], (n, k, x0.shape[-1]))
 
-  def stored(inbox, store):
-    """The stored copies after this round end's arrivals, (N, K, L)."""
+  def stored(inbox, store, sparse=False):
+    """The stored copies after this round end's arrivals, (N, K, L); sparse: a compressed copy
+    replaces the stored one only where it holds a value (not NaN)."""
     pushes = inbox.copies[0]
     # at most one due copy per (sender, receiver): newer copies supersede older ones
     due = pushes.due[table, :, fwd]                                                       # (N, K, D)
@@ -55,40 +56,50 @@ def swift_original(*, neighbours: np.ndarray) -> AsyncAlgorithm:
     if inbox.received is not None:   # a per-recipient payload (divjax.byzantine)
       rows = jnp.broadcast_to(jnp.arange(n)[:, None], table.shape)
       new = inbox.received(new, table, rows, jnp.zeros_like(table))
-    # a compressed copy holds some coordinates only (NaN elsewhere)
-    return jnp.where(due.any(-1)[..., None] & ~jnp.isnan(new), new.astype(store.dtype), store)
+    here = due.any(-1)[..., None] & (~jnp.isnan(new) if sparse else True)
+    return jnp.where(here, new.astype(store.dtype), store)
 
-  def aggregate(x, inbox, store):
-    store = stored(inbox, store)
+  def rule(x, store):
     return ((x[:, 0] + store.sum(axis=1)) / (1.0 + k))[:, None], store
 
-  def copies(x, inbox, store):
-    store = stored(inbox, store)
+  def aggregate(x, inbox, store):
+    return rule(x, stored(inbox, store))
+
+  def sparse_aggregate(x, inbox, store):
+    return rule(x, stored(inbox, store, sparse=True))
+
+  def copies(x, inbox, store):   # robust rules: over the own model and the stored copies
+    store = stored(inbox, store, sparse=True)   # (no NaN in an uncompressed copy: the same)
     return store[:, None], jnp.ones((n, 1, k), bool), store
 
-  def reference_stored(i, received, store):
+  def reference_stored(i, received, store, sparse=False):
     store = list(store)
     for c in received:  # replace the stored copy of each neighbour that sent something
       j = index[(i, c.src)]
-      store[j] = np.where(np.isnan(c.payload), store[j], c.payload).astype(np.float32)
+      store[j] = np.where(np.isnan(c.payload), store[j], c.payload).astype(np.float32) if sparse else c.payload
     return store
 
-  def reference_aggregate(i, own, received, store):
-    store = reference_stored(i, received, store)
+  def reference_rule(own, store):
     total = own.astype(np.float32).copy()
     for copy in store:
       total += copy
     return (total / np.float32(1 + k)).astype(np.float32), store
 
+  def reference_aggregate(i, own, received, store):
+    return reference_rule(own, reference_stored(i, received, store))
+
+  def reference_sparse(i, own, received, store):
+    return reference_rule(own, reference_stored(i, received, store, sparse=True))
+
   def reference_copies(i, own, received, store):
-    store = reference_stored(i, received, store)
+    store = reference_stored(i, received, store, sparse=True)
     everything = np.arange(own.size)
     return [Received(int(s), everything, c, 0) for s, c in zip(neighbours[i], store)], store
 
   return AsyncAlgorithm(name="swift_original", fragments=1, messages=k, plan=plan, aggregate=aggregate,
                         reference_aggregate=reference_aggregate, init=init,
                         reference_init=lambda x0: [x0.copy() for _ in range(k)],
-                        queue=QueuePolicy(flush=False), sparse_rule=(aggregate, reference_aggregate),
+                        queue=QueuePolicy(flush=False), sparse_rule=(sparse_aggregate, reference_sparse),
                         averages_copies=True, copies=copies, reference_copies=reference_copies)
 
 
