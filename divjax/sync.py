@@ -91,26 +91,11 @@ def message_counts(state: SyncState) -> dict:
           "msgs_expired": zero, "msgs_in_flight": zero}
 
 
-def make(cfg: Config, task, protocol: SyncProtocol) -> engine_lib.Engine:
-  n, h = cfg.n_nodes, cfg.local_steps
-  if cfg.n_ticks * cfg.dt_us > _TIME_LIMIT_US:
-    raise ValueError(f"duration_s: synchronous algorithms simulate at most {_TIME_LIMIT_US / 1e6:.0f} s "
-                     f"(got {cfg.duration_s})")
-  net = network_lib.build(cfg)
-  sgd = nodes_lib.make(cfg, task)
-  wrap = sync_wrap.make(cfg, task.n_params, protocol)
-  # what nodes upload (compressed: divjax.sync_wrap); FedAvg's server sends the model dense
-  bits_of = lambda c: np.array([wrap.payload_bits + c.network.header_bits])
-  dense_bits = np.array([32 * task.n_params + cfg.network.header_bits])
-  k_send = lambda run_key: sampling.stream(run_key, sampling.STREAM_SNAPSHOT)
-  dt_us = net.dt_us
-  k_mix = lambda run_key: sampling.stream(run_key, sampling.STREAM_PLAN)
-  static = engine_lib.static_key(cfg, 0)
-
-  def params(cfg_p: Config, data) -> engine_lib.Params:
-    engine_lib.check_static(static, cfg_p, 0)
-    return engine_lib.make_params(cfg_p, data, bits_of(cfg_p), network_lib.build(cfg_p))._replace(
-        availability=churn.intervals_us(cfg_p, cfg_p.duration_s + 1, _TIME_LIMIT_US))
+def _round_times(cfg: Config, net, bits: np.ndarray, dense_bits: np.ndarray):
+  """The exact round times (module docstring): (round_duration(links, src, dst, w, online,
+  start), server_round_duration(links, cohort, online, start)), microseconds, saturating.
+  bits: an upload's size (compressed: divjax.sync_wrap); dense_bits: the server's download."""
+  n, h, dt_us = cfg.n_nodes, cfg.local_steps, net.dt_us
 
   def compute_us(lk):
     """(N,) H local steps in us, saturating at the time limit (h * period fits int32)."""
@@ -140,12 +125,10 @@ def make(cfg: Config, task, protocol: SyncProtocol) -> engine_lib.Engine:
 
   server = cfg.server
   server_lat = int(round(server.latency_ms * 1e3))
-  bits = bits_of(cfg)
   host_svc = lambda bps: jnp.asarray(np.minimum(network_lib.service_us(bits, bps)[:, 0], _TIME_LIMIT_US), jnp.int32)
   down_svc = jnp.asarray(np.minimum(network_lib.service_us(dense_bits, np.full(n, server.upload_mbps * 1e6))[:, 0],
                                     _TIME_LIMIT_US), jnp.int32)
   in_svc = host_svc(np.array([server.download_mbps * 1e6]))[0]
-  sizes = jnp.asarray(task.counts, jnp.float32)                                          # (N,)
 
   def server_round_duration(lk, cohort, on, t0):
     """Exact FedAvg round time (microseconds): serial downloads, training, serial uploads;
@@ -172,6 +155,34 @@ def make(cfg: Config, task, protocol: SyncProtocol) -> engine_lib.Engine:
 
     last, _ = jax.lax.scan(serve, jnp.zeros((), jnp.int32), order)
     return last if ok is None else jnp.maximum(last, jnp.min(compute))
+
+  return round_duration, server_round_duration
+
+
+def make(cfg: Config, task, protocol: SyncProtocol) -> engine_lib.Engine:
+  n, h = cfg.n_nodes, cfg.local_steps
+  if cfg.n_ticks * cfg.dt_us > _TIME_LIMIT_US:
+    raise ValueError(f"duration_s: synchronous algorithms simulate at most {_TIME_LIMIT_US / 1e6:.0f} s "
+                     f"(got {cfg.duration_s})")
+  net = network_lib.build(cfg)
+  sgd = nodes_lib.make(cfg, task)
+  wrap = sync_wrap.make(cfg, task.n_params, protocol)
+  # what nodes upload (compressed: divjax.sync_wrap); FedAvg's server sends the model dense
+  bits_of = lambda c: np.array([wrap.payload_bits + c.network.header_bits])
+  dense_bits = np.array([32 * task.n_params + cfg.network.header_bits])
+  k_send = lambda run_key: sampling.stream(run_key, sampling.STREAM_SNAPSHOT)
+  dt_us = net.dt_us
+  k_mix = lambda run_key: sampling.stream(run_key, sampling.STREAM_PLAN)
+  static = engine_lib.static_key(cfg, 0)
+
+  def params(cfg_p: Config, data) -> engine_lib.Params:
+    engine_lib.check_static(static, cfg_p, 0)
+    return engine_lib.make_params(cfg_p, data, bits_of(cfg_p), network_lib.build(cfg_p))._replace(
+        availability=churn.intervals_us(cfg_p, cfg_p.duration_s + 1, _TIME_LIMIT_US))
+
+  bits = bits_of(cfg)
+  round_duration, server_round_duration = _round_times(cfg, net, bits, dense_bits)
+  sizes = jnp.asarray(task.counts, jnp.float32)                                          # (N,)
 
   def init(run_key) -> SyncState:
     params = task.initial_models(run_key, n, cfg.init.spread)
