@@ -25,9 +25,10 @@ the server would send them next, so per-node evaluation measures the global mode
 What is sent and how it is combined can be wrapped (Byzantine attacks, compression, robust
 rules: divjax.sync_wrap). Churn (divjax.churn): a node offline when a round starts sits the
 round out: it neither trains, sends nor mixes, a message to it is LOST, an online receiver
-gives the weight of a copy that did not come to its own model, and the barrier waits for the online nodes only (at least the fastest
-node's H steps, so time moves on when nobody is online); FedAvg's server contacts only the
-cohort's online members and renormalizes their weights.
+gives the weight of a copy that did not come to its own model, and the barrier waits for the
+online nodes only (at least the fastest node's H steps, so time moves on when nobody is
+online); FedAvg's server contacts only the cohort's online members and renormalizes their
+weights.
 """
 
 from __future__ import annotations
@@ -125,10 +126,10 @@ def _round_times(cfg: Config, net, bits: np.ndarray, dense_bits: np.ndarray):
 
   server = cfg.server
   server_lat = int(round(server.latency_ms * 1e3))
-  host_svc = lambda bps: jnp.asarray(np.minimum(network_lib.service_us(bits, bps)[:, 0], _TIME_LIMIT_US), jnp.int32)
-  down_svc = jnp.asarray(np.minimum(network_lib.service_us(dense_bits, np.full(n, server.upload_mbps * 1e6))[:, 0],
-                                    _TIME_LIMIT_US), jnp.int32)
-  in_svc = host_svc(np.array([server.download_mbps * 1e6]))[0]
+  host_svc = lambda size, bps: jnp.asarray(np.minimum(network_lib.service_us(size, bps)[:, 0], _TIME_LIMIT_US),
+                                           jnp.int32)
+  down_svc = host_svc(dense_bits, np.full(n, server.upload_mbps * 1e6))     # the global model, dense
+  in_svc = host_svc(bits, np.array([server.download_mbps * 1e6]))[0]         # an upload
 
   def server_round_duration(lk, cohort, on, t0):
     """Exact FedAvg round time (microseconds): serial downloads, training, serial uploads;

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from divjax import algorithms, robust, sampling
+from divjax import inbox as inbox_lib
 from divjax.algorithms.base import AsyncAlgorithm, Dims
 
 
@@ -147,11 +148,8 @@ def gossip(wrap: SyncWrap, start, x, payload, src, dst, w, self_w, run_key, roun
     got = jnp.where(jnp.isnan(got), x[dst], got) if wrap.sparse else got
     return self_w[:, None] * x + jax.ops.segment_sum(w[:, None] * got, dst, num_segments=n), jnp.zeros((), jnp.int32)
   live = w > 0
-  order = jnp.lexsort((priorities(run_key, round_, src.shape[0]), jnp.where(live, dst, n)))
-  d = jnp.where(live, dst, n)[order]
-  pos = jnp.arange(d.shape[0])
-  first = jnp.concatenate([jnp.array([True]), d[1:] != d[:-1]])
-  rank = jnp.zeros_like(pos).at[order].set(pos - jax.lax.cummax(jnp.where(first, pos, 0)))
+  # each copy's place at its receiver by (priority, sender), as divjax.inbox ranks the asynchronous ones
+  rank = inbox_lib.ranks(dst, priorities(run_key, round_, src.shape[0]), src, live, n)
   kept = live & (rank < wrap.inbox)
   row, col = jnp.where(kept, dst, n), jnp.where(kept, rank, 0)
   vals = jnp.zeros((n + 1, wrap.inbox, x.shape[1]), x.dtype).at[row, col].set(got)[:n]
@@ -208,7 +206,7 @@ def reference_gossip(wrap: SyncWrap, start, x, payload, src, dst, w, self_w, run
   out, overflow = np.empty_like(x), 0
   for d in range(n):
     edges = sorted((e for e in range(src.shape[0]) if dst[e] == d and w[e] > 0 and arrived[e]),
-                   key=lambda e: (prio[e], e))
+                   key=lambda e: (prio[e], src[e]))
     overflow += max(0, len(edges) - wrap.inbox)
     values = np.stack([x[d]] + [copy(e) for e in edges[:wrap.inbox]]).astype(np.float32)
     out[d] = robust.reference_rule(wrap.rule, values, start[d], wrap.trim, wrap.tau, wrap.iters)
