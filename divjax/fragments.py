@@ -67,7 +67,13 @@ def from_assignment(frag_of: np.ndarray, n_fragments: int) -> Fragments:
 def to_layout(x: jnp.ndarray, frags: Fragments) -> jnp.ndarray:
   """(..., P) -> (..., F, L); padding entries are 0."""
   padded = jnp.concatenate([x, jnp.zeros(x.shape[:-1] + (1,), x.dtype)], axis=-1)
-  return padded[..., jnp.asarray(frags.layout)]
+  layout = jnp.asarray(frags.layout)
+  # indices per row: XLA gathers along each row and lays the result out row-major (indexing
+  # with `padded[..., layout]` gathers columns across the rows, lays them out row-minor and
+  # costs a transposing copy wherever the result is used)
+  idx = jnp.broadcast_to(layout.reshape(-1), x.shape[:-1] + (layout.size,))
+  out = jnp.take_along_axis(padded, idx, axis=-1, mode="promise_in_bounds")
+  return out.reshape(x.shape[:-1] + layout.shape)
 
 
 def from_layout(y: jnp.ndarray, frags: Fragments) -> jnp.ndarray:

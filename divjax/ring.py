@@ -19,8 +19,9 @@ ROUTE_FLOATS = 1 << 22  # a routing step gathers at most about this many payload
 
 def write(ring, slot, x, ends):
   """Writes snapshot x (N, F, L) into ring slot `slot` (N,) of the nodes that `ends`."""
+  # the nodes not writing are pointed past the ring and dropped: no read of the old slot
   nodes = jnp.arange(x.shape[0])
-  return ring.at[slot, nodes].set(jnp.where(ends[:, None, None], x.astype(ring.dtype), ring[slot, nodes]))
+  return ring.at[jnp.where(ends, slot, ring.shape[0]), nodes].set(x.astype(ring.dtype), mode="drop")
 
 
 def columns_per_step(m: int, n: int, width: int) -> int:
