@@ -12,8 +12,11 @@ benchmarks/scale.py (DivShare, Omega 8, J 3, H 16), with the same 4 devices arra
   (gloo over TCP), as they would cross hosts.
 
 For each, the DivShare chunk and the same chunk without communication are compiled and timed
-(wall time, best of --repeats, interleaved), and the collectives in the compiled DivShare
-chunk are listed with the bytes they move per round end. Localhost is not a network: the
+(wall time, best of --repeats, interleaved); one more DivShare chunk runs under XLA's profiler,
+which counts how often each collective of the compiled program ran and its wall time (per
+device). Bytes
+are the collectives' results (an all-gather's whole gathered array, which every device
+receives, less its own share). Localhost is not a network: the
 two-process column is a lower bound on what hosts pay, which the byte counts let one scale to
 a real link (seconds = bytes / link rate).
 """
@@ -27,6 +30,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -36,19 +40,30 @@ DEVICES = 4
 BYTES = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "pred": 1, "s8": 1, "u8": 1, "s16": 2, "s64": 8, "u64": 8}
 
 
-def collectives(hlo: str) -> list[dict]:
-  """The collectives of a compiled program (its text): op, result shape, bytes of the result,
-  and whether it sits in the per-tick loop or at the round end (it runs once per block)."""
-  out = []
+def collectives(hlo: str) -> dict[str, dict]:
+  """The collectives of a compiled program (its text), by HLO name: op and result bytes."""
+  out = {}
   for line in hlo.splitlines():
-    m = re.search(r"= (\(?[a-z0-9]+\[[^=]*?\]\S*) (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)"
-                  r"(-start)?\(", line)
-    if not m:
-      continue
-    shapes = re.findall(r"([a-z]+[0-9]*)\[([0-9,]*)\]", m.group(1))
-    nbytes = sum(BYTES.get(t, 4) * _prod(dims) for t, dims in shapes)
-    out.append({"op": m.group(2), "shape": m.group(1)[:80], "bytes": nbytes})
+    m = re.search(r"%(\S+) = (\(?[a-z0-9]+\[[^=]*?\]\S*) (all-gather|all-reduce|all-to-all|collective-permute|"
+                  r"reduce-scatter)(-start)?\(", line)
+    if m:
+      shapes = re.findall(r"([a-z]+[0-9]*)\[([0-9,]*)\]", m.group(2))
+      out[m.group(1)] = {"op": m.group(3), "bytes": sum(BYTES.get(t, 4) * _prod(d) for t, d in shapes)}
   return out
+
+
+def executed(prep, colls: dict[str, dict]) -> dict[str, dict]:
+  """One more chunk under the profiler: how often each collective ran and its wall time."""
+  import jax
+  from op_profile import op_times
+  sim, run, state = prep
+  with tempfile.TemporaryDirectory() as where:
+    with jax.profiler.trace(where, create_perfetto_trace=True):
+      prep[2], _ = run(state, sim.params)
+      jax.block_until_ready(prep[2].params)
+    total, count = op_times(where)
+  k = jax.local_device_count()   # every local device runs each collective: per device
+  return {name: dict(c, calls=count.get(name, 0) / k, ms=total.get(name, 0) / 1e3 / k) for name, c in colls.items()}
 
 
 def _prod(dims: str) -> int:
@@ -80,11 +95,15 @@ def measure(n: int, ticks: int, repeats: int) -> dict:
       jax.block_until_ready(state.params)
       best[k] = min(best[k], time.perf_counter() - t0)
       prep[2] = state
-  colls = collectives(preps["divshare"][1].as_text())
+  ran = executed(preps["divshare"], collectives(preps["divshare"][1].as_text()))
+  round_ends = ticks // cfg.local_steps
   return dict(n=n, ticks=ticks, processes=jax.process_count(), local_s=best["local"],
               divshare_s=best["divshare"], overhead=best["divshare"] / best["local"],
-              node_steps_per_s=n * ticks / best["divshare"], collectives=colls,
-              collective_bytes=sum(c["bytes"] for c in colls))
+              node_steps_per_s=n * ticks / best["divshare"], collectives=ran,
+              calls_per_round_end=sum(c["calls"] for c in ran.values()) / round_ends,
+              bytes_per_round_end=sum(c["calls"] * c["bytes"] for c in ran.values()) / round_ends,
+              collective_ms_per_round_end=sum(c["ms"] for c in ran.values()) / round_ends,
+              ms_per_round_end=(best["divshare"] - best["local"]) * 1e3 / round_ends)
 
 
 def _free_port() -> int:
@@ -144,13 +163,14 @@ def main():
           json.dump(rows, f, indent=1)
   print(f"{DEVICES} CPU devices in all; {time.strftime('%Y-%m-%d %H:%M')}; load average {os.getloadavg()[0]:.1f}")
   print("| N | processes x devices | ticks | local only (s) | DivShare (s) | overhead | node-steps/s | "
-        "collectives in the chunk | bytes they move per block |")
-  print("|---|---|---|---|---|---|---|---|---|")
+        "round end, beyond training (ms) | collectives per round end | their wall time (ms) | "
+        "bytes they gather per round end |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
-    kinds = ", ".join(sorted({c["op"] for c in r["collectives"]})) or "none"
     print(f"| {r['n']:,} | {r['processes']} x {DEVICES // r['processes']} | {r['ticks']} | {r['local_s']:.2f} | "
           f"{r['divshare_s']:.2f} | {r['overhead']:.2f}x | {r['node_steps_per_s']:,.0f} | "
-          f"{len(r['collectives'])} ({kinds}) | {r['collective_bytes'] / 2**20:,.1f} MiB |")
+          f"{r['ms_per_round_end']:.1f} | {r['calls_per_round_end']:.1f} | "
+          f"{r['collective_ms_per_round_end']:.1f} | {r['bytes_per_round_end'] / 2**20:,.1f} MiB |")
 
 
 if __name__ == "__main__":

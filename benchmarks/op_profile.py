@@ -2,8 +2,8 @@
 
     python3 benchmarks/op_profile.py --nodes 4096 [--top 15]
 
-Runs benchmarks/scale.py's MLP workload (DivShare, Omega 8, J 3, H 16) for one chunk of about
---node-steps node-steps under `jax.profiler.trace`, then sums the wall time of every compiled
+Runs benchmarks/scale.py's MLP workload (DivShare, Omega 8, J 3, H 16) for one chunk of --ticks ticks
+under `jax.profiler.trace`, then sums the wall time of every compiled
 op (XLA:CPU thunk) over the chunk. Ops that ran once per tick (a multiple of the chunk's ticks)
 are the local training; the others ran at round ends. Prints both totals, their ratio (the
 overhead as the profile sees it, in wall time) and the round-end ops that took longest, with
@@ -44,14 +44,16 @@ def op_times(trace_dir: str) -> tuple[collections.Counter, collections.Counter]:
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--nodes", type=int, default=4096)
-  ap.add_argument("--node-steps", type=int, default=2**20)
+  ap.add_argument("--ticks", type=int, default=256,
+                  help="ticks in the profiled chunk (whole rounds; the trace keeps about a million "
+                       "events, some 4,000 ticks of this workload)")
   ap.add_argument("--top", type=int, default=15)
   args = ap.parse_args()
   import jax
   from divjax import configure
   path, sets = scale.overrides("mlp", args.nodes, False, "")
   cfg = configure.load(path, sets)
-  ticks = max(cfg.local_steps, args.node_steps // args.nodes // cfg.local_steps * cfg.local_steps)
+  ticks = max(cfg.local_steps, args.ticks // cfg.local_steps * cfg.local_steps)
   prep, _ = scale._prepare(cfg, True, ticks)
   scale._timed_chunk(prep)   # a second warm run: first-touch costs out of the way
   with tempfile.TemporaryDirectory() as where:

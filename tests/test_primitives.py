@@ -230,3 +230,15 @@ def test_newest_only_supersedes_the_earlier_upload_of_the_same_sender():
   fate, _, due_ping, _ = replies.newest_only(msg_dst, msg_fate, msg_tick, msg_done, rep, slot_tick, 7,
                                              dt_us=10, age_cap=100, pairwise=True)
   assert int(fate[1, 0, 0]) == fates.DELIVERED and bool(due_ping[1, 0, 0])
+
+
+def test_threefry_unrolled_on_cpu_gives_jaxs_bits():
+  """divjax.xla_cpu registers JAX's unrolled Threefry for CPUs: no loop in the program, and
+  the bits JAX's own (rolled) CPU lowering gives (recorded from a process without divjax)."""
+  from divjax import xla_cpu
+  assert xla_cpu.unroll_threefry()
+  draw = jax.jit(lambda k: jax.random.bits(jax.random.fold_in(k, 7), (4,)))
+  key = jax.random.key(3)
+  if jax.default_backend() == "cpu":
+    assert " while(" not in draw.lower(key).compile().as_text()
+  np.testing.assert_array_equal(np.asarray(draw(key)), [1876654423, 1575774796, 3466474743, 3854236509])
