@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from divjax import churn, clock, fates, queue, replies as replies_lib, ring as ring_lib
+from divjax import churn, clock, fates, queue, replies as replies_lib, ring as ring_lib, rows
 from divjax import fragments as fragments_lib
 from divjax import inbox as inbox_lib
 from divjax import network as network_lib
@@ -327,12 +327,10 @@ def send(st: Static, s: State, p: Params, ends, acting, busy, k):
                                dst * f + frag, ftick, fate == fates.DELIVERED)
     fate_table = jnp.where(replaced, fates.SUPERSEDED, fate_table)
 
-  def write(table, new):
-    return table.at[nodes, k].set(jnp.where(ends[:, None], new, table[nodes, k]))
-
+  write = lambda table, new: rows.put(table, k, new, ends)
   msgs = Messages(dst=write(msgs.dst, dst), frag=write(msgs.frag, frag), fate=write(fate_table, fate),
                   tick=write(msgs.tick, ftick), done=write(msgs.done, completion),
-                  slot_tick=msgs.slot_tick.at[nodes, k].set(jnp.where(ends, t, msgs.slot_tick[nodes, k])))
+                  slot_tick=write(msgs.slot_tick, jnp.broadcast_to(t, (n,))))
   backlog = (tb.where(acting, jax.tree.map(lambda x: x[:, -1], completions), busy) if not st.alg.queue.flush
              else tb.wide(jnp.zeros((n,), jnp.int32)))
   if leave_us is not None:  # a node that leaves now drops its queue
@@ -442,13 +440,13 @@ def end_rounds(st: Static, s: State, p: Params, ends) -> State:
 
   # c. retire slot r % D (its records are all final by now); the snapshot goes into it at the
   # next round end
-  old = msgs.fate[nodes, k] if rep is None else jnp.concatenate([msgs.fate[nodes, k], rep.fate[nodes, k]], axis=1)
+  old = rows.take(msgs.fate, k) if rep is None else jnp.concatenate([rows.take(msgs.fate, k), rows.take(rep.fate, k)], axis=1)
   fresh = Fresh(sent.astype(s.ring.dtype), jnp.where(acting, k, -1).astype(jnp.int32))
 
   # d. the new round's messages and their fates
   new_msgs, backlog = send(st, s._replace(msgs=msgs), p, ends, acting, busy, k)
   if rep is not None:  # a new round's pings have no replies yet
-    rep = rep._replace(fate=rep.fate.at[nodes, k].set(jnp.where(ends[:, None], 0, rep.fate[nodes, k])))
+    rep = rep._replace(fate=rows.put(rep.fate, k, jnp.zeros_like(rows.take(rep.fate, k)), ends))
   c = s.counters
   counters = Counters(retired=fates.retire(c.retired, old, ends),
                       sent=c.sent + made + st.m * jnp.sum(acting, dtype=jnp.int32),
