@@ -11,7 +11,7 @@ knock-out) / round ends alone. The knock-outs change the simulation (their numbe
 meaningless); only their time is used.
 
 Stages:
-  supersede  fates.supersede: which pending records a new message replaces (a scan over M)
+  supersede  fates.supersede: which pending records a new message replaces
   route      ring.route: gather + segment_sum of the due payloads (a scan over columns)
   plan       the algorithm's plan: sampling each node's receivers and fragments
   service    network.service: each message's upload time from the link tables

@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from divjax import churn, clock, fates, queue, replies as replies_lib, ring as ring_lib, rows
+from divjax import churn, clock, fates, queue, replies as replies_lib, ring as ring_lib, rows, xla_cpu
 from divjax import fragments as fragments_lib
 from divjax import inbox as inbox_lib
 from divjax import network as network_lib
@@ -65,6 +65,8 @@ from divjax import timebase as tb
 from divjax import versions as versions_lib
 from divjax.algorithms.base import AsyncAlgorithm, Dims
 from divjax.config import Config
+
+xla_cpu.unroll_threefry()   # the same random bits with fewer small tasks on CPUs (divjax/xla_cpu.py)
 
 FATES = fates.FATES
 

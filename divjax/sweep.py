@@ -355,13 +355,18 @@ def run(pts: list[Point], out: Path, *, progress: bool = True,
     from tqdm.auto import tqdm
     bar = tqdm(total=len(pts), initial=len(pts) - sum(map(len, pending.values())), unit="point",
                dynamic_ncols=True)
-  built, sizes, resumed, t0 = {}, [], {}, time.perf_counter()
+  # a group's schedules one after the other, and the group (its data, its compiled programs)
+  # let go before the next is built: memory holds one group, not every group of the sweep
+  # (a reproduce grid has dozens, each with its own copy of the data)
+  pending = dict(sorted(pending.items(), key=lambda kv: groups[kv[0][0]]))
+  group, current, n_built, sizes, resumed, t0 = None, None, 0, [], {}, time.perf_counter()
   for (g, *_), todo in pending.items():
     if should_stop():
       break
-    if g not in built:
-      built[g] = Group(todo[0].cfg)
-    b = batch_size(batch, built[g], len(todo))
+    if g != current:
+      group = None
+      group, current, n_built = Group(todo[0].cfg), g, n_built + 1
+    b = batch_size(batch, group, len(todo))
     for start in range(0, len(todo), b):
       if should_stop():
         break
@@ -370,11 +375,11 @@ def run(pts: list[Point], out: Path, *, progress: bool = True,
         bar.set_postfix_str(f"group {groups[g] + 1}/{len(groups)}, {len(chunk)} point(s) at once, "
                             f"{chunk[0].cfg.duration_s:g} sim-s each")
       if len(chunk) == 1:
-        done = [run_point(chunk[0], built[g], out / "points" / chunk[0].name, should_stop, checkpoint_wall_s)]
+        done = [run_point(chunk[0], group, out / "points" / chunk[0].name, should_stop, checkpoint_wall_s)]
         if "resumed_from_tick" in done[0]:
           resumed[chunk[0].name] = done[0]["resumed_from_tick"]
       else:
-        done = run_batch(chunk, built[g], out, should_stop)
+        done = run_batch(chunk, group, out, should_stop)
       sizes.append(len(chunk))
       for p, s in zip(chunk, done):
         summaries[p.index] = s if s.get("status") in FINAL else None
@@ -383,7 +388,7 @@ def run(pts: list[Point], out: Path, *, progress: bool = True,
   if bar is not None:
     bar.close()
   rows = [row(p, summaries[p.index], groups[g]) for p, g in zip(pts, keys) if summaries[p.index] is not None]
-  info = {"points": len(pts), "groups": len(groups), "groups_built": len(built),
+  info = {"points": len(pts), "groups": len(groups), "groups_built": n_built,
           "batches": sizes, "resumed": resumed, "wall_s": round(time.perf_counter() - t0, 3)}
   return rows, info
 
