@@ -19,7 +19,9 @@ ROUTE_FLOATS = 1 << 22  # a routing step gathers at most about this many payload
 
 def write(ring, slot, x, ends):
   """Writes snapshot x (N, F, L) into ring slot `slot` (N,) of the nodes that `ends`."""
-  # the nodes not writing are pointed past the ring and dropped: no read of the old slot
+  # the nodes not writing are pointed past the ring and dropped: no read of the old slot.
+  # Not rows.put: the ring is replicated over devices (engine.node_axes), and written vmapped
+  # over its node axis XLA split it instead and all-gathered the whole ring at each chunk end.
   nodes = jnp.arange(x.shape[0])
   return ring.at[jnp.where(ends, slot, ring.shape[0]), nodes].set(x.astype(ring.dtype), mode="drop")
 

@@ -2,8 +2,7 @@
 
 Written `a[jnp.arange(N), k]`, the index names the node, and XLA's partitioner (`devices` > 1)
 cannot see that row n is read or written by node n: it all-gathers the operand and the
-indices across devices (at every round end: the ring slot's N x F x L floats and each message
-table). The same indexing vmapped over the node axis is a gather or scatter with a batch
+indices across devices (at every round end, each message table and its index). The same indexing vmapped over the node axis is a gather or scatter with a batch
 dimension, which the partitioner leaves where the rows are (BENCHMARKS.md, "Messages between
 processes"). On one device both compile to the same work.
 """

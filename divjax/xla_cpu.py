@@ -1,12 +1,12 @@
-"""Threefry unrolled on CPUs: the same random bits with a tenth of the round end's small ops.
+"""Threefry unrolled on CPUs: the same random bits in far fewer small XLA tasks.
 
 JAX lowers its Threefry hash on CPUs as a loop of 5 rounds (to keep compile times down), and on
 GPUs unrolled. XLA:CPU runs every op of such a loop as a separate small task, once per round:
 the random draws of a round end (receivers, fragments, keys) made about 1,200 of its 1,700
-tasks at N = 1,024. Registering the unrolled
-lowering for CPUs too (what JAX does on GPUs) computes the identical bits (integer arithmetic,
-the same function), makes the DivShare tick about 8% faster at N = 64 and compiles no slower
-(BENCHMARKS.md, "Scale"). Relies on JAX internals; if they move, this does nothing.
+tasks at N = 1,024. Registering the unrolled lowering for CPUs too (what JAX does on GPUs)
+computes the identical bits (integer arithmetic, the same function), makes the DivShare tick
+about 8% faster at N = 64 and compiles no slower (BENCHMARKS.md, "Where the round end's time
+goes"). Relies on JAX internals; if they move, this does nothing.
 """
 
 from __future__ import annotations
