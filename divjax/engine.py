@@ -448,7 +448,7 @@ def end_rounds(st: Static, s: State, p: Params, ends) -> State:
   # d. the new round's messages and their fates
   new_msgs, backlog = send(st, s._replace(msgs=msgs), p, ends, acting, busy, k)
   if rep is not None:  # a new round's pings have no replies yet
-    rep = rep._replace(fate=rows.put(rep.fate, k, jnp.zeros_like(rows.take(rep.fate, k)), ends))
+    rep = rep._replace(fate=rows.put(rep.fate, k, jnp.zeros((st.n, st.m), rep.fate.dtype), ends))
   c = s.counters
   counters = Counters(retired=fates.retire(c.retired, old, ends),
                       sent=c.sent + made + st.m * jnp.sum(acting, dtype=jnp.int32),
