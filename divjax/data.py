@@ -20,8 +20,10 @@ Sources, tried in this order by `load`:
    internet the first time).
 3. Otherwise a `DataError` that says how to provide either.
 
-Images come back as float32 in [-1, 1] (x / 255 * 2 - 1: per-channel mean 0.5, std 0.5,
-as the artifact's torchvision transform), NHWC; labels as int32.
+Images come back as their uint8 pixels, NHWC, a quarter of the memory of floats; the model
+sees PIXEL_LEVELS[x], float32 in [-1, 1] (x / 255 * 2 - 1: per-channel mean 0.5, std 0.5, as
+the artifact's torchvision transform), looked up batch by batch on the device. Labels come
+back as int32.
 
 Partitioners return one int64 index array per node into the training set.
 """
@@ -38,10 +40,15 @@ class DataError(ValueError):
   """A dataset could not be found or is malformed; the message says how to fix it."""
 
 
+# the model input of each pixel value: float32 in [-1, 1], as (x / 255 * 2 - 1) was computed
+# for the float32 images the engine first kept (the same floats exactly, so the same results)
+PIXEL_LEVELS = (np.arange(256).astype(np.float32) * np.float32(2 / 255) - np.float32(1)).astype(np.float32)
+
+
 class ImageDataset(NamedTuple):
-  x_train: np.ndarray   # (S, H, W, C) float32 in [-1, 1]
+  x_train: np.ndarray   # (S, H, W, C) uint8 pixels; PIXEL_LEVELS[x] is what a model sees
   y_train: np.ndarray   # (S,) int32
-  x_test: np.ndarray    # (T, H, W, C) float32
+  x_test: np.ndarray    # (T, H, W, C) uint8
   y_test: np.ndarray    # (T,) int32
 
 
@@ -120,7 +127,7 @@ def _images(x: np.ndarray, shape: tuple, what: str) -> np.ndarray:
     raise DataError(f"{what}: expected shape (S, {', '.join(map(str, shape))}), got {x.shape}")
   if x.dtype != np.uint8:
     raise DataError(f"{what}: expected uint8 pixels in 0..255, got dtype {x.dtype}")
-  return (x.astype(np.float32) * np.float32(2 / 255) - np.float32(1)).astype(np.float32)
+  return x
 
 
 def _integers(a: np.ndarray, what: str) -> np.ndarray:

@@ -365,9 +365,10 @@ def shapes(cfg: Config, sim=None) -> Shapes:
   """The run's shapes from the config alone, or, given the built simulation, from its arrays
   (data sizes, the state's dimensions); the two agree except for data-dependent partitions."""
   proto = _protocol(cfg)
-  sample_bytes = {"cifar10": 32 * 32 * 3 * 4, "mnist": 28 * 28 * 4}.get(
-      cfg.task, 8 if cfg.task in _RATINGS else cfg.data.dim * 4)
-  train_data, test_data, eval_rows = _data_bytes(cfg, sample_bytes)
+  # images are stored as uint8 pixels (divjax.data) and reach the model as float32 batches
+  stored = {"cifar10": 32 * 32 * 3, "mnist": 28 * 28}.get(cfg.task, 8 if cfg.task in _RATINGS else cfg.data.dim * 4)
+  sample_bytes = stored * 4 if cfg.task in _IMAGES else stored
+  train_data, test_data, eval_rows = _data_bytes(cfg, stored)
   if sim is not None:
     train_data, test_data = _tree_bytes(sim.task.train_data), _tree_bytes(sim.task.test)
     if cfg.task in _RATINGS:

@@ -48,7 +48,7 @@ def make(cfg: Config, task) -> LocalSGD:
     k_batch = sampling.stream(run_key, sampling.STREAM_BATCH)
     idx = jax.vmap(sampling.batch_indices, in_axes=(None, 0, 0, None, None, None))(
         k_batch, nodes, steps, data.parts, data.counts, b)                                # (N, B)
-    x, y = data.x[idx], data.y[idx]
+    x, y = task.inputs(data.x[idx]), data.y[idx]
 
     def grads_and_losses(tree, x, y):
       def total_loss(t):

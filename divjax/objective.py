@@ -33,28 +33,30 @@ def sample_weights(parts, counts, n_samples: int) -> np.ndarray:
 def make(task) -> Callable:
   """A jitted (xbar (P,), x_train, y_train, w (S,)) -> (f(xbar), ||grad f(xbar)||^2)."""
 
-  def f(xbar, x, y, w):
+  def chunk_value(xbar, xc, yc, wc):
     tree = jax.tree.map(lambda a: a[None], task.unravel(xbar))        # one model, stacked
-    s = x.shape[0]
-    chunks = -(-s // CHUNK)
-    pad = chunks * CHUNK - s
-    xs = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)]).reshape((chunks, CHUNK) + x.shape[1:])
-    ys = jnp.concatenate([y, jnp.zeros((pad,), y.dtype)]).reshape(chunks, CHUNK)
-    ws = jnp.concatenate([w, jnp.zeros((pad,), w.dtype)]).reshape(chunks, CHUNK)
+    # each sample as a batch of one: per-sample losses from the task's own loss
+    per = jax.vmap(lambda xi, yi: task.loss_tree(tree, xi[None, None], yi[None, None])[0])(task.inputs(xc), yc)
+    return jnp.sum(wc * per)
 
-    def chunk_loss(args):
-      xc, yc, wc = args
-      # each sample as a batch of one: per-sample losses from the task's own loss
-      per = jax.vmap(lambda xi, yi: task.loss_tree(tree, xi[None, None], yi[None, None])[0])(xc, yc)
-      return jnp.sum(wc * per)
-
-    return jnp.sum(jax.lax.map(chunk_loss, (xs, ys, ws)))
-
-  value_and_grad = jax.value_and_grad(f)
+  chunk_value_and_grad = jax.value_and_grad(chunk_value)
 
   @jax.jit
   def objective(xbar, x, y, w):
-    value, g = value_and_grad(xbar, x, y, w)
-    return value, jnp.sum(g * g)
+    s = x.shape[0]
+    chunks = -(-s // CHUNK)
+    pad = chunks * CHUNK - s
+    split = lambda a: jnp.concatenate([a, jnp.zeros((pad,) + a.shape[1:], a.dtype)]).reshape(
+        (chunks, CHUNK) + a.shape[1:])
+
+    # the gradient is summed chunk by chunk, so one chunk's activations are alive at a time
+    # (differentiating through a map over the chunks kept all of them: CIFAR-10's 50,000
+    # images with GN-LeNet needed more than 24 GB)
+    def body(g, args):
+      value, g_chunk = chunk_value_and_grad(xbar, *args)
+      return g + g_chunk, value
+
+    g, values = jax.lax.scan(body, jnp.zeros_like(xbar), (split(x), split(y), split(w)))
+    return jnp.sum(values), jnp.sum(g * g)
 
   return objective

@@ -106,7 +106,7 @@ class _Sim:
     if self.observe != "off":
       for node in self.nodes:
         node.known = np.zeros(cfg.n_nodes, np.int64)
-    self.grad_fn = jax.jit(jax.grad(lambda p, x, y: task.loss_stacked(p[None], x[None], y[None])[0]))
+    self.grad_fn = jax.jit(jax.grad(lambda p, x, y: task.loss_stacked(p[None], task.inputs(x)[None], y[None])[0]))
     self.batch_fn = jax.jit(lambda i, k: sampling.batch_indices(k_batch, i, k, task.parts, task.counts,
                                                                 cfg.batch_size))
     self.plan_fn = jax.jit(lambda i, r: alg.plan(k_plan, i, r))
@@ -387,7 +387,7 @@ def simulate_sync(cfg: Config, task, protocol, n_ticks: int, run_key: Optional[j
   wrap = sync_wrap.make(cfg, task.n_params, protocol)   # byzantine, compression, robust rules
   bits = wrap.payload_bits + cfg.network.header_bits    # what a node uploads
   dense_bits = 32 * task.n_params + cfg.network.header_bits
-  grad_fn = jax.jit(jax.grad(lambda p, x, y: task.loss_stacked(p[None], x[None], y[None])[0]))
+  grad_fn = jax.jit(jax.grad(lambda p, x, y: task.loss_stacked(p[None], task.inputs(x)[None], y[None])[0]))
   batch_fn = jax.jit(lambda i, k: sampling.batch_indices(k_batch, i, k, task.parts, task.counts,
                                                          cfg.batch_size))
   x_train, y_train = np.asarray(task.x_train), np.asarray(task.y_train)

@@ -46,6 +46,9 @@ class Task(NamedTuple):
   label_hist: Optional[np.ndarray] = None  # (N, C) training labels per node
   baseline: Optional[dict] = None  # a trivial predictor's test metrics (MovieLens: global mean)
   group: Optional[int] = None     # nodes differentiated together (models.Model.group)
+  # stored samples x_train[idx] -> model inputs: images are kept as uint8 pixels and looked
+  # up in data.PIXEL_LEVELS a batch at a time (pixel_inputs), other data are stored as is
+  inputs: Callable = lambda x: x
 
   def evaluate(self, p):
     """Per-node test metrics {"acc": (N,), "loss": (N,)} of flat models p (N, P)."""
@@ -68,6 +71,12 @@ class Task(NamedTuple):
     return self.loss_tree(jax.vmap(self.unravel)(p), x, y)
 
 
+def pixel_inputs(x):
+  """float32 model inputs of uint8 pixels x: data.PIXEL_LEVELS[x], looked up where used."""
+  from divjax import data as data_lib
+  return jnp.asarray(data_lib.PIXEL_LEVELS)[x]
+
+
 def _pad_parts(parts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
   counts = np.array([len(p) for p in parts], np.int32)
   idx = np.zeros((len(parts), max(1, counts.max())), np.int32)
@@ -81,8 +90,10 @@ EVAL_NODES = 64  # models evaluated side by side (vmap) in one evaluation step
 
 def classification_task(name: str, model: models.Model, x_train, y_train, parts, x_test, y_test,
                         *, n_classes: int, eval_batch: int, eval_nodes: int = EVAL_NODES,
-                        init_key_shape=None) -> Task:
+                        inputs: Callable = lambda x: x) -> Task:
   """Builds a classification task from host arrays and a per-node partition.
+
+  `inputs` maps stored samples to model inputs (pixel_inputs for uint8 images).
 
   One evaluation step runs `eval_nodes` models on `eval_batch` test images, so evaluation
   memory is bounded by eval_nodes x eval_batch activations for any n_nodes and test set.
@@ -115,7 +126,7 @@ def classification_task(name: str, model: models.Model, x_train, y_train, parts,
     """(correct, nll) summed over the test set, for a group of g stacked models."""
     def chunk(args):
       xb, yb, vb = args
-      logits = models.apply_shared(model, tree, xb)                                       # (g, b, C)
+      logits = models.apply_shared(model, tree, inputs(xb))                                       # (g, b, C)
       logp = jax.nn.log_softmax(logits)
       nll = -jnp.take_along_axis(logp, yb[None, :, None], axis=-1)[..., 0]
       correct = (jnp.argmax(logits, -1) == yb[None, :])
@@ -154,7 +165,7 @@ def classification_task(name: str, model: models.Model, x_train, y_train, parts,
               eval_fn=jax.jit(evaluate), test=(xt_c, yt_c, valid_c),
               x_train=jnp.asarray(x_train), y_train=jnp.asarray(y_train, jnp.int32),
               parts=jnp.asarray(idx), counts=jnp.asarray(counts), label_hist=hist,
-              group=model.group)
+              group=model.group, inputs=inputs)
 
 
 def synthetic(cfg: Config) -> Task:
@@ -239,7 +250,7 @@ def images(cfg: Config) -> Task:
                           default="gn_lenet" if cfg.task == "cifar10" else "mlp")
   x_test, y_test = test_subset(cfg, ds.x_test, np.asarray(ds.y_test).astype(np.int32))
   return classification_task(cfg.task, model, ds.x_train, y_train, parts, x_test, y_test, n_classes=10,
-                             eval_batch=cfg.eval_batch)
+                             eval_batch=cfg.eval_batch, inputs=pixel_inputs)
 
 
 def least_squares(cfg: Config) -> Task:

@@ -44,16 +44,27 @@ def test_cifar_from_directory_is_normalised_hwc(tmp_path):
   ds = data.load("cifar10", tmp_path)
   assert isinstance(ds, data.ImageDataset)
   assert ds.x_train.shape == (30, 32, 32, 3) and ds.x_test.shape == (10, 32, 32, 3)
-  assert ds.x_train.dtype == np.float32 and ds.y_train.dtype == np.int32
-  np.testing.assert_allclose(ds.x_train, raw["x_train"] / 255 * 2 - 1, atol=1e-6)  # mean 0.5, std 0.5
+  assert ds.x_train.dtype == np.uint8 and ds.y_train.dtype == np.int32   # kept as pixels
+  np.testing.assert_array_equal(ds.x_train, raw["x_train"])
+  np.testing.assert_allclose(data.PIXEL_LEVELS[ds.x_train], raw["x_train"] / 255 * 2 - 1, atol=1e-6)  # mean 0.5, std 0.5
   np.testing.assert_array_equal(ds.y_test, raw["y_test"])
+
+
+def test_pixel_levels_are_the_floats_computed_image_by_image():
+  """The model sees exactly what x / 255 * 2 - 1 in float32 gave when images were stored as
+  floats: results did not move when the images became uint8."""
+  x = np.arange(256, dtype=np.uint8).reshape(16, 16)
+  old = (x.astype(np.float32) * np.float32(2 / 255) - np.float32(1)).astype(np.float32)
+  assert data.PIXEL_LEVELS.dtype == np.float32
+  np.testing.assert_array_equal(data.PIXEL_LEVELS[x], old)
+  assert data.PIXEL_LEVELS[0] == -1 and data.PIXEL_LEVELS[255] == 1
 
 
 def test_mnist_gets_a_channel_axis(tmp_path):
   write_images(tmp_path, "mnist.npz", (28, 28))
   ds = data.load("mnist", str(tmp_path))
   assert ds.x_train.shape == (30, 28, 28, 1) and ds.x_test.shape == (10, 28, 28, 1)
-  assert -1.0 <= ds.x_train.min() and ds.x_train.max() <= 1.0
+  assert ds.x_train.dtype == np.uint8
 
 
 @pytest.mark.parametrize("name, file", [("movielens-latest-small", "movielens_ml-latest-small.npz"),

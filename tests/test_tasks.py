@@ -48,6 +48,9 @@ def test_cifar_task_runs_from_a_data_directory(tmp_path):
                     "eval_batch=16", "data.shards=2")
   task = tasks.build(cfg)
   assert task.n_params == 89_834 and task.x_train.shape == (200, 32, 32, 3)
+  assert task.x_train.dtype == np.uint8 and task.test[0].dtype == np.uint8   # a quarter of floats' bytes
+  x = np.asarray(task.inputs(task.x_train[:5]))
+  assert x.dtype == np.float32 and -1 <= x.min() and x.max() <= 1
   assert int(task.counts.sum()) <= 200 and task.label_hist.shape == (4, 10)
   # kshard: label-sorted blocks, so no node sees every class (blocks of 25 here span 2-3)
   classes_seen = (task.label_hist > 0).sum(1)
