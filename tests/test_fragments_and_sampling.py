@@ -58,3 +58,19 @@ def test_plan_has_j_distinct_recipients_per_fragment():
   other = sampling.fragment_fanout_plan(key, 3, 8, n=10, n_fragments=4, recipients=3)
   np.testing.assert_array_equal(dst, again[0])
   assert not np.array_equal(np.asarray(dst), np.asarray(other[0]))
+
+
+@pytest.mark.parametrize("m", [1, 2, 24, 60, 64, 65])
+def test_permutation_is_jax_random_permutation_bit_for_bit(m):
+  """The send plan's queue order is JAX's own permutation (plans, and so every run, are
+  unchanged by computing it from ranks instead of a sort)."""
+  keys = jax.random.split(jax.random.key(3), 64)
+  want = jax.vmap(lambda k: jax.random.permutation(k, m))(keys)
+  got = jax.vmap(lambda k: sampling.permutation(k, m))(keys)
+  assert got.dtype == want.dtype
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_stable_order_breaks_ties_by_position():
+  keys = jnp.array([3, 1, 3, 0, 1, 3, 0], jnp.uint32)
+  np.testing.assert_array_equal(np.asarray(sampling.stable_order(keys)), np.argsort(np.asarray(keys), kind="stable"))
