@@ -48,7 +48,7 @@ class Task(NamedTuple):
   group: Optional[int] = None     # nodes differentiated together (models.Model.group)
   # stored samples x_train[idx] -> model inputs: images are kept as uint8 pixels and looked
   # up in data.PIXEL_LEVELS a batch at a time (pixel_inputs), other data are stored as is
-  inputs: Callable = lambda x: x
+  inputs: Callable = lambda stored: stored
 
   def evaluate(self, p):
     """Per-node test metrics {"acc": (N,), "loss": (N,)} of flat models p (N, P)."""
@@ -90,7 +90,7 @@ EVAL_NODES = 64  # models evaluated side by side (vmap) in one evaluation step
 
 def classification_task(name: str, model: models.Model, x_train, y_train, parts, x_test, y_test,
                         *, n_classes: int, eval_batch: int, eval_nodes: int = EVAL_NODES,
-                        inputs: Callable = lambda x: x) -> Task:
+                        inputs: Callable = lambda stored: stored) -> Task:
   """Builds a classification task from host arrays and a per-node partition.
 
   `inputs` maps stored samples to model inputs (pixel_inputs for uint8 images).
@@ -126,7 +126,7 @@ def classification_task(name: str, model: models.Model, x_train, y_train, parts,
     """(correct, nll) summed over the test set, for a group of g stacked models."""
     def chunk(args):
       xb, yb, vb = args
-      logits = models.apply_shared(model, tree, inputs(xb))                                       # (g, b, C)
+      logits = models.apply_shared(model, tree, inputs(xb))                               # (g, b, C)
       logp = jax.nn.log_softmax(logits)
       nll = -jnp.take_along_axis(logp, yb[None, :, None], axis=-1)[..., 0]
       correct = (jnp.argmax(logits, -1) == yb[None, :])
