@@ -81,7 +81,8 @@ def permutation(key, m: int) -> jax.Array:
   For m below about 1,600, JAX draws one 32-bit sort key per element and sorts stably by it,
   once (jax._src.random's _shuffle). Sorting N rows of 24 (DivShare's send plan) was one of
   the round end's costliest ops on XLA:CPU (benchmarks/op_profile.py); the same order comes
-  from ranks, comparisons that fuse into one pass.
+  from ranks, comparisons that fuse into one pass. This follows JAX's private _shuffle;
+  tests/test_fragments_and_sampling.py checks it against the installed JAX's permutation.
   """
   rounds = np.ceil(3 * np.log(max(1, m)) / np.log(np.iinfo(np.uint32).max))  # as _shuffle decides
   if rounds != 1 or m > RANKED_UP_TO:
