@@ -21,6 +21,11 @@ from divjax import models, sampling, sharding
 from divjax.config import Config
 
 
+def as_stored(x):
+  """Model inputs of samples stored as they are (all data but images: pixel_inputs)."""
+  return x
+
+
 class TrainData(NamedTuple):
   """What the local step reads: the training set and each node's share of it."""
   x: jax.Array                    # (S, ...)
@@ -48,7 +53,7 @@ class Task(NamedTuple):
   group: Optional[int] = None     # nodes differentiated together (models.Model.group)
   # stored samples x_train[idx] -> model inputs: images are kept as uint8 pixels and looked
   # up in data.PIXEL_LEVELS a batch at a time (pixel_inputs), other data are stored as is
-  inputs: Callable = lambda stored: stored
+  inputs: Callable = as_stored
 
   def evaluate(self, p):
     """Per-node test metrics {"acc": (N,), "loss": (N,)} of flat models p (N, P)."""
@@ -90,7 +95,7 @@ EVAL_NODES = 64  # models evaluated side by side (vmap) in one evaluation step
 
 def classification_task(name: str, model: models.Model, x_train, y_train, parts, x_test, y_test,
                         *, n_classes: int, eval_batch: int, eval_nodes: int = EVAL_NODES,
-                        inputs: Callable = lambda stored: stored) -> Task:
+                        inputs: Callable = as_stored) -> Task:
   """Builds a classification task from host arrays and a per-node partition.
 
   `inputs` maps stored samples to model inputs (pixel_inputs for uint8 images).
